@@ -1,0 +1,107 @@
+"""Model checkpoints on disk: an Orbax parameter tree plus the model config (and free-form metadata),
+written atomically so an output folder is either complete or absent."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from gemma_qat.model.config import ModelConfig
+from gemma_qat.model.params import abstract_params, flat_shapes
+
+CONFIG_FILE = "model_config.json"
+META_FILE = "meta.json"
+PARAMS_DIR = "params"
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yields a temporary sibling folder; on success it replaces `out_dir`. An existing `out_dir`
+    is kept unless `force`, and even then is only removed after the new one is complete."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(out_dir, params: dict, config: ModelConfig, *, meta: dict | None = None, force: bool = False) -> Path:
+    """Writes OUT/params (Orbax), OUT/model_config.json and OUT/meta.json atomically."""
+    check_tree(params, config)
+    with atomic_dir(out_dir, force=force) as tmp:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / PARAMS_DIR, params)
+        ckptr.wait_until_finished()
+        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=str))
+    return Path(out_dir)
+
+
+def load_config(ckpt_dir) -> ModelConfig:
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt_dir} is not a gemma-qat model checkpoint: {CONFIG_FILE} is missing "
+                                "(create one with `gemma-qat import-hf` or a training run)")
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"{path} is corrupt: {e}") from None
+
+
+def load_model(ckpt_dir, *, dtype=None, shardings=None) -> tuple[ModelConfig, dict]:
+    """Restores (config, params). `dtype` casts on restore; `shardings` (a tree of Shardings like
+    the params) places each array directly on its devices without a full host copy."""
+    config = load_config(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    stored = jnp.dtype(meta.get("param_dtype", "float32"))
+    target = abstract_params(config, param_dtype=dtype or stored)
+    if shardings is not None:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
+    path = Path(ckpt_dir).absolute() / PARAMS_DIR
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is missing; the checkpoint at {ckpt_dir} is incomplete")
+    try:
+        params = ocp.StandardCheckpointer().restore(path, target)
+    except Exception as e:  # Orbax raises many types; name the folder and the likely fix once.
+        raise ValueError(f"could not restore parameters from {path} ({type(e).__name__}: {e}); "
+                         "the checkpoint is corrupt or was written for another model config") from e
+    return config, params
+
+
+def read_meta(ckpt_dir) -> dict:
+    path = Path(ckpt_dir) / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_tree(params: dict, config: ModelConfig) -> None:
+    """Every parameter present with the architecture's shape, nothing extra; one error lists all."""
+    want = flat_shapes(abstract_params(config))
+    have = flat_shapes(params)
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    wrong = [f"{k}: {have[k]} != expected {want[k]}" for k in sorted(set(want) & set(have)) if have[k] != want[k]]
+    if missing or extra or wrong:
+        raise ValueError(f"parameter tree does not match model {config.name!r}: missing={missing[:8]} "
+                         f"unexpected={extra[:8]} wrong_shapes={wrong[:8]}")

@@ -1,0 +1,84 @@
+"""Gemma 4 attention: QK-norm with learned scale, scale-free V-norm, no 1/√H scaling, GQA, sliding or
+global layers (global: head dim 512, proportional RoPE, optional K=V), and KV sharing."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from gemma_qat.model.layers import Array, DType, Einsum, QuantPolicy, RMSNorm, apply_rope, rope_inv_freq
+
+_NEG_INF = -2.3819763e38  # most negative bf16-representable value; keeps fully masked rows finite
+
+
+def attention_mask(segment_ids: Array, window: int | None) -> Array:
+    """[B, T] segment ids (0 = padding) → [B, T, S] bool mask: causal by index, same segment, and for
+    sliding layers key index > query index − window (the window holds the current token and W−1
+    before it)."""
+    t = segment_ids.shape[1]
+    q_idx = jnp.arange(t)[:, None]
+    k_idx = jnp.arange(t)[None, :]
+    mask = k_idx <= q_idx
+    if window is not None:
+        mask &= k_idx > q_idx - window
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return mask[None] & same
+
+
+class Attention(nn.Module):
+    """One attention layer. Non-shared layers compute and return their post-norm, post-RoPE K and V
+    (so later KV-shared layers can reuse them); shared layers get `shared_kv` and own no K/V params."""
+
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rope_proportion: float
+    window: int | None  # None for global layers
+    k_eq_v: bool
+    kv_shared: bool
+    quant: QuantPolicy
+    eps: float = 1e-6
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array, shared_kv: tuple[Array, Array] | None = None):
+        # x [B, T, D], positions [B, T], mask [B, T, S]
+        d, n, k, h = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim
+        kw = dict(quant=self.quant, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm_kw = dict(eps=self.eps, param_dtype=self.param_dtype, axis_name="head_dim")
+        inv_freq = rope_inv_freq(h, self.rope_theta, self.rope_proportion)
+
+        q = Einsum((n, d, h), ("q_heads", "embed", "head_dim"), (1,), name="q_einsum", **kw)("BTD,NDH->BTNH", x)
+        q = apply_rope(RMSNorm(name="query_norm", **norm_kw)(q), positions, inv_freq)
+
+        if self.kv_shared:
+            if shared_kv is None:
+                raise ValueError("a KV-shared attention layer needs the K/V of its source layer")
+            key, value = shared_kv
+        else:
+            if self.k_eq_v:
+                raw_k = Einsum((k, d, h), ("kv_heads", "embed", "head_dim"), (1,), name="k_einsum", **kw)(
+                    "BTD,KDH->BTKH", x)
+                raw_v = raw_k  # V is the un-RoPE'd key projection, normalised without scale
+            else:
+                kv = Einsum((2, k, d, h), (None, "kv_heads", "embed", "head_dim"), (2,), name="kv_einsum", **kw)(
+                    "BTD,CKDH->CBTKH", x)
+                raw_k, raw_v = kv[0], kv[1]
+            key = apply_rope(RMSNorm(name="key_norm", **norm_kw)(raw_k), positions, inv_freq)
+            value = RMSNorm(with_scale=False, eps=self.eps)(raw_v)
+
+        q = nn.with_logical_constraint(q, ("act_batch", "act_seq", "act_heads", None))
+        b, t = q.shape[:2]
+        qg = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]: contiguous groups share a KV head
+        # No 1/√H factor: Gemma 4 relies on QK-norm instead (HF `scaling = 1.0`).
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, key, preferred_element_type=jnp.float32)
+        logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
+        probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, n, h)
+        out = nn.with_logical_constraint(out, ("act_batch", "act_seq", "act_heads", None))
+        o = Einsum((n, h, d), ("q_heads", "head_dim", "embed"), (0, 1), name="attn_vec_einsum", **kw)
+        return o("BTNH,NHD->BTD", out), (key, value)

@@ -1,0 +1,59 @@
+"""The 26B-A4B mixture-of-experts FFN: softmax router on the un-normalised residual, top-k with
+renormalised weights times a per-expert scale, GeGLU experts run as grouped (ragged) matmuls so no
+token is dropped and the result equals the dense reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from gemma_qat.model.layers import Array, DType, Einsum, QuantPolicy, RMSNorm, gelu_tanh
+
+
+class MoE(nn.Module):
+    d_model: int
+    num_experts: int
+    top_k: int
+    hidden: int  # per-expert FFN width
+    quant: QuantPolicy
+    eps: float = 1e-6
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, router_input: Array) -> Array:
+        # x [B, T, D]: the pre_ffw_norm'ed residual fed to experts; router_input [B, T, D]: the raw residual.
+        d, e, f = self.d_model, self.num_experts, self.hidden
+        kw = dict(quant=self.quant, dtype=self.dtype, param_dtype=self.param_dtype)
+        router_scale = self.param("router_scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                                  (d,), self.param_dtype)
+        per_expert_scale = self.param("per_expert_scale",
+                                      nn.with_logical_partitioning(nn.initializers.ones, (None,)), (e,),
+                                      self.param_dtype)
+        router = Einsum((d, e), ("embed", None), (0,), name="router_logits", **kw)
+        gating = Einsum((e, 2, f, d), ("expert", None, "expert_mlp", "embed"), (3,), name="gating_einsum", **kw)
+        linear = Einsum((e, f, d), ("expert", "expert_mlp", "embed"), (1,), name="linear", **kw)
+
+        # Router: scale-free RMSNorm · router_scale · D^-0.5, logits and softmax in fp32.
+        z = RMSNorm(with_scale=False, eps=self.eps)(router_input)
+        z = z * router_scale.astype(z.dtype) * jnp.asarray(d**-0.5, z.dtype)
+        logits = jnp.einsum("BTD,DE->BTE", z, router.kernel(), preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1)
+        top_p, top_i = jax.lax.top_k(probs, self.top_k)  # [B, T, k]
+        top_w = top_p / jnp.sum(top_p, axis=-1, keepdims=True) * per_expert_scale.astype(jnp.float32)[top_i]
+
+        b, t, _ = x.shape
+        xf = x.reshape(b * t, d).astype(self.dtype)
+        flat_e = top_i.reshape(-1)  # [BT·k]
+        order = jnp.argsort(flat_e, stable=True)  # group assignments by expert
+        tok = order // self.top_k
+        group_sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
+        xs = xf[tok]  # [BT·k, D]
+        w_gu = gating.kernel().reshape(e, 2 * f, d).transpose(0, 2, 1)  # [E, D, 2F]
+        gu = jax.lax.ragged_dot(xs, w_gu, group_sizes, preferred_element_type=jnp.float32).astype(self.dtype)
+        h = gelu_tanh(gu[:, :f]) * gu[:, f:]  # [BT·k, F]
+        ys = jax.lax.ragged_dot(h, linear.kernel(), group_sizes, preferred_element_type=jnp.float32)
+        ys = ys * top_w.reshape(-1)[order][:, None]
+        out = jnp.zeros((b * t, d), jnp.float32).at[tok].add(ys)
+        return out.reshape(b, t, d).astype(x.dtype)
