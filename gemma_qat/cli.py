@@ -1,0 +1,111 @@
+"""`gemma-qat` command line: each subcommand parses its arguments and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_info(args) -> int:
+    from gemma_qat.model.config import get_config
+    from gemma_qat.model.params import count_params
+
+    cfg = get_config(args.model)
+    counts = count_params(cfg)
+    info = {"model": cfg.name, **counts, "config": cfg.to_dict()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{cfg.name}: {cfg.num_layers} layers ({cfg.layer_types.count('global')} global), d_model {cfg.d_model}, "
+          f"vocab {cfg.vocab_size}")
+    for k, v in counts.items():
+        print(f"  {k:28s} {v:>16,d}")
+    return 0
+
+
+def _cmd_import_hf(args) -> int:
+    import jax.numpy as jnp
+
+    from gemma_qat.checkpoint import save_model
+    from gemma_qat.hf import load_hf
+
+    dtype = {"keep": None, "bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+    config, params = load_hf(args.hf_dir, dtype=dtype)
+    stored = str(next(iter(_leaves(params))).dtype)
+    save_model(args.out_dir, params, config, force=args.force,
+               meta={"source": str(Path(args.hf_dir).absolute()), "param_dtype": stored, "kind": "float"})
+    print(f"imported {config.name} ({config.num_layers} layers, {stored}) → {args.out_dir}")
+    return 0
+
+
+def _leaves(tree):
+    import jax
+    return jax.tree.leaves(tree)
+
+
+def _cmd_logits(args) -> int:
+    import numpy as np
+
+    from gemma_qat.inference import forward_logits
+    from gemma_qat.checkpoint import load_model
+
+    tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    config, params = load_model(args.checkpoint)
+    logits = forward_logits(config, params, tokens)  # [T, V] float32
+    if args.out:
+        np.save(args.out, logits)
+        print(f"saved logits {logits.shape} float32 → {args.out}")
+    else:
+        top = np.argmax(logits, axis=-1)
+        print(json.dumps({"shape": list(logits.shape), "argmax": top.tolist()}))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from pipelines.demo import run_demo
+    return run_demo(Path(args.workdir), fresh=args.fresh)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gemma-qat", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="parameter counts of a model variant (no memory used)")
+    s.add_argument("--model", required=True, help="e2b, e4b, 12b, 26b-a4b, 31b, bench-1b or tiny-*")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_info)
+
+    s = sub.add_parser("import-hf", help="Hugging Face Gemma 4 folder → gemma-qat Orbax checkpoint")
+    s.add_argument("hf_dir")
+    s.add_argument("out_dir")
+    s.add_argument("--dtype", choices=["keep", "bfloat16", "float32"], default="keep")
+    s.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    s.set_defaults(fn=_cmd_import_hf)
+
+    s = sub.add_parser("logits", help="forward pass on given token ids, float32 logits [T, V]")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--tokens", required=True, help="comma-separated token ids, e.g. 2,651,1234")
+    s.add_argument("--out", help="write logits to this .npy file")
+    s.set_defaults(fn=_cmd_logits)
+
+    s = sub.add_parser("demo", help="the embedded default: runs on CPU with no downloads")
+    s.add_argument("--workdir", default="runs/demo")
+    s.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
+    s.set_defaults(fn=_cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # User errors: one clear line, no traceback.
+        print(f"gemma-qat {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Device mesh and the logical-axis rules of each parallelism recipe.
+
+Layers name logical axes only (`embed`, `q_heads`, `act_batch`, ...); this file is the one place
+that says which mesh axes they map to. Adding a recipe means adding a table, not touching the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+_BATCH = ("data", "fsdp")
+_COMMON = (("norm", None), ("head_dim", None), ("act_seq", None), ("act_embed", None))
+
+# Each recipe: logical name → mesh axis / tuple of axes / None (replicated).
+RULES: dict[str, tuple[tuple[str, object], ...]] = {
+    # Parameters sharded over `fsdp` along the model dim; batch over data×fsdp.
+    "fsdp": _COMMON + (
+        ("act_batch", _BATCH), ("embed", "fsdp"), ("vocab", None), ("q_heads", None), ("kv_heads", None),
+        ("mlp", None), ("ple", None), ("expert", None), ("expert_mlp", None),
+        ("act_heads", None), ("act_mlp", None), ("act_vocab", None)),
+    # Plus Megatron-style tensor parallelism over heads, FFN hidden and vocab.
+    "fsdp_tp": _COMMON + (
+        ("act_batch", _BATCH), ("embed", "fsdp"), ("vocab", "tensor"), ("q_heads", "tensor"),
+        ("kv_heads", "tensor"), ("mlp", "tensor"), ("ple", None), ("expert", None), ("expert_mlp", "tensor"),
+        ("act_heads", "tensor"), ("act_mlp", "tensor"), ("act_vocab", "tensor")),
+    # Plus expert parallelism: experts over `expert`, which also carries batch outside the MoE.
+    "fsdp_tp_ep": _COMMON + (
+        ("act_batch", _BATCH + ("expert",)), ("embed", "fsdp"), ("vocab", "tensor"), ("q_heads", "tensor"),
+        ("kv_heads", "tensor"), ("mlp", "tensor"), ("ple", None), ("expert", "expert"),
+        ("expert_mlp", "tensor"), ("act_heads", "tensor"), ("act_mlp", "tensor"), ("act_vocab", "tensor")),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; one may be -1 (takes what the devices leave)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    expert: int = 1
+    recipe: str = "fsdp"
+
+    def __post_init__(self):
+        if self.recipe not in RULES:
+            raise ValueError(f"unknown sharding recipe {self.recipe!r}; choose one of {sorted(RULES)}")
+        sizes = [self.data, self.fsdp, self.tensor, self.expert]
+        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"mesh sizes must be positive with at most one -1, got {dict(zip(MESH_AXES, sizes))}")
+
+    def shape(self, num_devices: int) -> tuple[int, ...]:
+        sizes = [self.data, self.fsdp, self.tensor, self.expert]
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices: "
+                                 f"{num_devices} is not a multiple of {known}")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
+                             f"{num_devices} are present; make the product of the axes equal {num_devices}")
+        return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = config.shape(len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def rules(recipe: str):
+    return RULES[recipe]
+
+
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes from dims they do not divide (e.g. 1 KV head over tensor=2): that dim stays
+    replicated rather than failing; everything else keeps its sharding."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept, size = [], 1
+        for a in names:
+            if dim % (size * mesh.shape[a]) == 0:
+                kept.append(a)
+                size *= mesh.shape[a]
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def tree_shardings(abstract_tree, logical_specs, mesh: Mesh, recipe: str):
+    """NamedSharding per leaf from its logical PartitionSpec under the recipe's rules."""
+    def one(a, spec):
+        mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules(recipe))
+        return NamedSharding(mesh, _fit(mesh_spec, tuple(a.shape), mesh))
+    return jax.tree.map(one, abstract_tree, logical_specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh, recipe: str) -> NamedSharding:
+    """[B, T] inputs: batch over the recipe's batch axes."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch", None), rules(recipe)))
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, recipe: str) -> Iterator[None]:
+    """Context in which the model's logical activation constraints resolve against `mesh`."""
+    # `jax.set_mesh` replaces the deprecated `with mesh:`; older jax only has the latter.
+    mesh_ctx = jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
+    with mesh_ctx, nn.logical_axis_rules(rules(recipe)):
+        yield

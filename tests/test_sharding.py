@@ -1,0 +1,56 @@
+"""A tiny model sharded over 8 fake CPU devices gives the logits of the unsharded model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_qat import sharding
+from gemma_qat.model.config import get_config
+from gemma_qat.model.params import abstract_params, init_params, logical_axes
+from gemma_qat.model.transformer import Transformer
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+
+CASES = [
+    ("tiny-e2b", sharding.MeshConfig(data=2, fsdp=4, recipe="fsdp")),
+    ("tiny-e4b", sharding.MeshConfig(data=2, fsdp=2, tensor=2, recipe="fsdp_tp")),
+    ("tiny-31b", sharding.MeshConfig(fsdp=4, tensor=2, recipe="fsdp_tp")),
+    ("tiny-26b-a4b", sharding.MeshConfig(fsdp=2, tensor=2, expert=2, recipe="fsdp_tp_ep")),
+]
+
+
+@pytest.mark.parametrize("name,mesh_config", CASES, ids=[c[0] + "-" + c[1].recipe for c in CASES])
+def test_sharded_logits_equal_unsharded(name, mesh_config):
+    cfg = get_config(name)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (8, 20), 0, cfg.vocab_size)
+    model = Transformer(cfg)
+    ref = model.apply({"params": params}, tokens)
+
+    mesh = sharding.make_mesh(mesh_config)
+    shardings = sharding.tree_shardings(abstract_params(cfg), logical_axes(cfg), mesh, mesh_config.recipe)
+    params_s = jax.device_put(params, shardings)
+    tokens_s = jax.device_put(tokens, sharding.batch_sharding(mesh, mesh_config.recipe))
+    # Parameters really are spread: the embedding is split along the model dim over fsdp.
+    emb = params_s["embedder"]["input_embedding"]
+    assert emb.addressable_shards[0].data.shape[1] == cfg.d_model // mesh.shape["fsdp"]
+    with sharding.activate(mesh, mesh_config.recipe):
+        out = jax.jit(lambda p, t: model.apply({"params": p}, t))(params_s, tokens_s)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=2e-5)
+
+
+def test_experts_are_split_over_the_expert_axis():
+    cfg = get_config("tiny-26b-a4b")
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2, tensor=2, expert=2, recipe="fsdp_tp_ep"))
+    sh = sharding.tree_shardings(abstract_params(cfg), logical_axes(cfg), mesh, "fsdp_tp_ep")
+    assert sh["layer_0"]["mlp"]["gating_einsum"]["w"].spec[0] == "expert"
+
+
+def test_mesh_errors_name_the_problem():
+    with pytest.raises(ValueError, match="has 4 devices but 8 are present"):
+        sharding.MeshConfig(data=2, fsdp=2).shape(8)
+    with pytest.raises(ValueError, match="not a multiple of 3"):
+        sharding.MeshConfig(data=3).shape(8)
+    with pytest.raises(ValueError, match="unknown sharding recipe"):
+        sharding.MeshConfig(recipe="zero3")
