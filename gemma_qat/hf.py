@@ -35,9 +35,15 @@ def _index(hf_dir: Path) -> dict[str, Path]:
         raise FileNotFoundError(f"no *.safetensors in {hf_dir} (and no model.safetensors.index.json)")
     files = {}
     for f in single:
-        with safe_open(f, framework="numpy") as fh:
-            files.update({k: f for k in fh.keys()})
+        files.update({k: f for k in _open(f).keys()})
     return files
+
+
+def _open(path: Path):
+    try:
+        return safe_open(path, framework="flax")
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); re-download or re-save it") from None
 
 
 def _text_name(name: str) -> str | None:
@@ -76,7 +82,7 @@ def load_hf(hf_dir, *, dtype=None) -> tuple[ModelConfig, dict]:
         name = by_text_name[text_name]
         f = files[name]
         if f not in handles:
-            handles[f] = safe_open(f, framework="flax")
+            handles[f] = _open(f)
         arr = np.asarray(handles[f].get_tensor(name))
         if str(arr.dtype) not in _FLOAT_DTYPES:
             raise ValueError(f"tensor {name} has dtype {arr.dtype}; expected one of {sorted(_FLOAT_DTYPES)} "

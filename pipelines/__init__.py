@@ -1,0 +1,1 @@
+"""Thin wiring from configs to the gemma_qat library: train, export, evaluate, demo."""

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv in the checkout and installs gemma-qat into it (editable).
+#   tools/bootstrap.sh          runtime dependencies only
+#   tools/bootstrap.sh --test   plus the test extras (CPU torch, transformers, gguf, pytest)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@"; }
+if [ "${1:-}" = "--test" ]; then
+  # The CPU build of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
+  # On this kind of machine pip finds torch 2.13.0 (CPU) on local disk; elsewhere it comes from PyPI.
+  .venv/bin/python -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
+  pip_install -e ".[test]"
+else
+  pip_install -e .
+fi
