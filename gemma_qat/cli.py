@@ -63,6 +63,21 @@ def _cmd_logits(args) -> int:
     return 0
 
 
+def _cmd_quantize(args) -> int:
+    from gemma_qat.checkpoint import load_model, read_meta, save_model
+    from gemma_qat.quant.ptq import dequantized_params
+    from gemma_qat.quant.recipe import get_recipe, resolve
+
+    config, params = load_model(args.checkpoint)
+    resolution = resolve(get_recipe(args.recipe, config), config)
+    print(resolution.report())
+    meta = {**read_meta(args.checkpoint), "kind": "ptq", "recipe": resolution.recipe.to_dict(),
+            "source": str(Path(args.checkpoint).absolute())}
+    save_model(args.out, dequantized_params(config, params, resolution), config, meta=meta, force=args.force)
+    print(f"PTQ ({args.recipe}) of {args.checkpoint} → {args.out}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from pipelines.demo import run_demo
     return run_demo(Path(args.workdir), fresh=args.fresh)
@@ -89,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokens", required=True, help="comma-separated token ids, e.g. 2,651,1234")
     s.add_argument("--out", help="write logits to this .npy file")
     s.set_defaults(fn=_cmd_logits)
+
+    s = sub.add_parser("quantize", help="post-training quantization of a float checkpoint (the PTQ baseline)")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--recipe", required=True, help="q4_0, mobile, mobile-e2b or mobile-e4b")
+    s.add_argument("--out", required=True)
+    s.add_argument("--force", action="store_true", help="replace --out if it exists")
+    s.set_defaults(fn=_cmd_quantize)
 
     s = sub.add_parser("demo", help="the embedded default: runs on CPU with no downloads")
     s.add_argument("--workdir", default="runs/demo")

@@ -30,7 +30,7 @@ class Embedder(nn.Module):
                 (self.vocab_size, l, p), self.param_dtype)
             self.per_layer_model_projection = Einsum(
                 (self.d_model, l, p), ("embed", None, "ple"), (0,), self.quant, dtype=self.dtype,
-                param_dtype=self.param_dtype)
+                param_dtype=self.param_dtype)  # a compact submodule; setup only names it
             self.per_layer_projection_norm = RMSNorm(eps=self.eps, axis_name="ple", param_dtype=self.param_dtype)
 
     def encode(self, tokens: Array) -> Array:

@@ -61,7 +61,8 @@ def _normal(stddev: float):
 class Einsum(nn.Module):
     """A projection weight `w` of a given shape, logical axes and contraction axes, applied with
     `jnp.einsum`. The quant policy sees the weight (with its contraction axes, which is where Q4_0
-    blocks run) and the input/output activations."""
+    blocks run) and the input/output activations. Called without `x` it returns the weight as the
+    policy presents it (for grouped matmuls that are not einsums)."""
 
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]  # logical axis name per weight dim
@@ -71,16 +72,15 @@ class Einsum(nn.Module):
     param_dtype: DType = jnp.float32
     init_std: float = 0.02
 
-    def setup(self):
-        self.w = self.param("w", nn.with_logical_partitioning(_normal(self.init_std), self.axes), self.shape,
-                            self.param_dtype)
-
-    def kernel(self) -> Array:
-        return self.quant.weight(self, "w", self.w, in_axes=self.in_axes).astype(self.dtype)
-
-    def __call__(self, eqn: str, x: Array) -> Array:
+    @nn.compact
+    def __call__(self, eqn: str | None = None, x: Array | None = None) -> Array:
+        w = self.param("w", nn.with_logical_partitioning(_normal(self.init_std), self.axes), self.shape,
+                       self.param_dtype)
+        kernel = self.quant.weight(self, "w", w, in_axes=self.in_axes).astype(self.dtype)
+        if x is None:
+            return kernel
         x = self.quant.activation(self, "w", x, site="in")
-        y = jnp.einsum(eqn, x.astype(self.dtype), self.kernel())
+        y = jnp.einsum(eqn, x.astype(self.dtype), kernel)
         return self.quant.activation(self, "w", y, site="out")
 
 

@@ -38,7 +38,7 @@ class MoE(nn.Module):
         # Router: scale-free RMSNorm · router_scale · D^-0.5, logits and softmax in fp32.
         z = RMSNorm(with_scale=False, eps=self.eps)(router_input)
         z = z * router_scale.astype(z.dtype) * jnp.asarray(d**-0.5, z.dtype)
-        logits = jnp.einsum("BTD,DE->BTE", z, router.kernel(), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BTD,DE->BTE", z, router(), preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1)
         top_p, top_i = jax.lax.top_k(probs, self.top_k)  # [B, T, k]
         top_w = top_p / jnp.sum(top_p, axis=-1, keepdims=True) * per_expert_scale.astype(jnp.float32)[top_i]
@@ -50,10 +50,10 @@ class MoE(nn.Module):
         tok = order // self.top_k
         group_sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
         xs = xf[tok]  # [BT·k, D]
-        w_gu = gating.kernel().reshape(e, 2 * f, d).transpose(0, 2, 1)  # [E, D, 2F]
+        w_gu = gating().reshape(e, 2 * f, d).transpose(0, 2, 1)  # [E, D, 2F]
         gu = jax.lax.ragged_dot(xs, w_gu, group_sizes, preferred_element_type=jnp.float32).astype(self.dtype)
         h = gelu_tanh(gu[:, :f]) * gu[:, f:]  # [BT·k, F]
-        ys = jax.lax.ragged_dot(h, linear.kernel(), group_sizes, preferred_element_type=jnp.float32)
+        ys = jax.lax.ragged_dot(h, linear(), group_sizes, preferred_element_type=jnp.float32)
         ys = ys * top_w.reshape(-1)[order][:, None]
         out = jnp.zeros((b * t, d), jnp.float32).at[tok].add(ys)
         return out.reshape(b, t, d).astype(x.dtype)

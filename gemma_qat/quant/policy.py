@@ -1,0 +1,133 @@
+"""The QuantPolicy that a resolved recipe hands to the model: fake-quant of each weight in its
+format along its contraction axes, and int8 static activation fake-quant where the recipe asks.
+
+Static activation scales live in their own collection (`quant_scales`), never in `params`, so the
+student's parameter tree stays the BF16 tree. They start at 0 (= pass-through, the HF "gemma"
+quantizer convention for uncalibrated scales) and are set by `calibrate` (absmax/127 over data).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import traverse_util
+
+from gemma_qat.model.config import ModelConfig
+from gemma_qat.model.layers import param_path
+from gemma_qat.model.params import abstract_params, flat_shapes
+from gemma_qat.model.transformer import Transformer
+from gemma_qat.quant import formats
+from gemma_qat.quant.recipe import FLOAT, Resolution
+
+SCALES = "quant_scales"
+
+
+def weight_axes(fmt: str, in_axes: tuple[int, ...]):
+    """Q4_0 blocks run along one axis: for multi-axis contractions ([N, H, D] attention output)
+    the innermost one, which is the contiguous axis of the flattened HF/GGUF layout [D, N·H]."""
+    return in_axes[-1] if fmt == "q4_0" else in_axes
+
+
+class RecipePolicy:
+    """Applies a Resolution. `calibrating=True` records activation absmax instead of quantizing."""
+
+    def __init__(self, resolution: Resolution, *, calibrating: bool = False):
+        self.resolution = resolution
+        self.formats = resolution.formats
+        self.act_int8 = resolution.recipe.activations == "int8_static"
+        self.calibrating = calibrating
+
+    def _format(self, module, name) -> str:
+        path = param_path(module, name)
+        try:
+            return self.formats[path]
+        except KeyError:
+            raise ValueError(f"recipe {self.resolution.recipe.name!r} was resolved for another model: "
+                             f"no format for {path}") from None
+
+    def weight(self, module, name, w, *, in_axes):
+        fmt = self._format(module, name)
+        if fmt == FLOAT:
+            return w
+        return formats.get_format(fmt).fake_quant(w, weight_axes(fmt, in_axes))
+
+    def activation(self, module, name, x, *, site):
+        if not self.act_int8 or self._format(module, name) == FLOAT:
+            return x
+        key = f"{name}_{site}"
+        if not (module.has_variable(SCALES, key) or module.is_mutable_collection(SCALES)):
+            return x  # no scales given: uncalibrated, pass-through
+        scale = module.variable(SCALES, key, lambda: jnp.zeros((), jnp.float32))
+        if self.calibrating:
+            scale.value = jnp.maximum(scale.value, jnp.max(jnp.abs(x)).astype(jnp.float32) / 127.0)
+            return x
+        return formats.act_fake_quant_int8(x, jax.lax.stop_gradient(scale.value)).astype(x.dtype)
+
+    def __repr__(self):
+        return f"RecipePolicy({self.resolution.recipe.name})"
+
+
+class _Recorder:
+    """Records each weight's contraction axes as the model presents them (used for checks)."""
+
+    def __init__(self):
+        self.axes: dict[str, tuple[int, ...]] = {}
+
+    def weight(self, module, name, w, *, in_axes):
+        # Embeddings pass gathered rows [B, T, ...] through the policy; their trailing dims are
+        # the table's, so shift the axes back onto the table [V, ...].
+        lead = w.ndim - nn.unbox(module.get_variable("params", name)).ndim
+        self.axes[param_path(module, name)] = tuple(a % w.ndim - lead for a in in_axes)
+        return w
+
+    def activation(self, module, name, x, *, site):
+        return x
+
+
+def weight_in_axes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """path → contraction axes of every weight the model routes through the policy."""
+    rec = _Recorder()
+    model = Transformer(config, quant=rec)
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)
+    return rec.axes
+
+
+def check_q4_0_blocks(resolution: Resolution, config: ModelConfig, param_shardings) -> None:
+    """A Q4_0 block must never straddle a shard boundary of its contraction axis: the per-device
+    length of that axis must stay a multiple of 32. Raises naming the parameters otherwise."""
+    axes = weight_in_axes(config)
+    flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(param_shardings).items()}
+    shapes = flat_shapes(abstract_params(config))
+    bad = []
+    for path, fmt in resolution.quantized().items():
+        if fmt != "q4_0":
+            continue
+        ax = weight_axes(fmt, axes[path])
+        sh = flat[path]
+        local = sh.shard_shape(shapes[path])[ax]
+        if local % formats.Q4_0_BLOCK_SIZE:
+            bad.append(f"{path} (axis {ax}: {shapes[path][ax]} → {local} per device)")
+    if bad:
+        raise ValueError("this mesh would split Q4_0 blocks of 32 across devices: " + "; ".join(bad[:5]) +
+                         " — use fewer shards on the contraction axis (e.g. a smaller fsdp)")
+
+
+def calibrate(model_config: ModelConfig, params, resolution: Resolution, batches, *, dtype=jnp.float32):
+    """Static activation scales: running absmax/127 over `batches` (dicts with `tokens`, optional
+    `positions`, `segment_ids`). Returns the `quant_scales` collection."""
+    model = Transformer(model_config, quant=RecipePolicy(resolution, calibrating=True), dtype=dtype)
+    scales = None
+
+    @jax.jit
+    def step(scales, batch):
+        variables = {"params": params, **({SCALES: scales} if scales is not None else {})}
+        _, upd = model.apply(variables, batch["tokens"], batch.get("positions"), batch.get("segment_ids"),
+                             mutable=[SCALES])
+        return upd[SCALES]
+
+    for batch in batches:
+        scales = step(scales, {k: jnp.asarray(v) for k, v in batch.items()
+                               if k in ("tokens", "positions", "segment_ids")})
+    return nn.unbox(scales) if scales is not None else {}
