@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
+
+
+PIPELINE_COMMANDS = ()  # e.g. "pipelines.export"; filled as pipelines land
 
 
 def _cmd_info(args) -> int:
@@ -116,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default="runs/demo")
     s.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
     s.set_defaults(fn=_cmd_demo)
+
+    # Pipelines that own their subcommands: each module has `register(subparsers)`.
+    for name in PIPELINE_COMMANDS:
+        importlib.import_module(name).register(sub)
     return p
 
 

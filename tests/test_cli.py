@@ -54,3 +54,25 @@ def test_logits_errors(tmp_path, capsys):
     main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ck")])
     assert main(["logits", "--checkpoint", str(tmp_path / "ck"), "--tokens", "1,99999"]) == 2
     assert "outside the model vocabulary" in capsys.readouterr().err
+
+
+def test_quantize_writes_the_ptq_baseline(tmp_path, capsys):
+    import jax
+
+    from gemma_qat.checkpoint import load_model, read_meta
+    from gemma_qat.quant.formats import q4_0_fake_quant
+
+    save_text_model("dense", tmp_path / "hf")
+    main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ck")])
+    assert main(["quantize", "--checkpoint", str(tmp_path / "ck"), "--recipe", "q4_0",
+                 "--out", str(tmp_path / "ptq")]) == 0
+    _, fp = load_model(tmp_path / "ck")
+    _, q = load_model(tmp_path / "ptq")
+    assert read_meta(tmp_path / "ptq")["recipe"]["name"] == "q4_0"
+    w = fp["layer_0"]["mlp"]["linear"]["w"]  # [F, D], contraction over F (axis 0)
+    np.testing.assert_array_equal(np.asarray(q["layer_0"]["mlp"]["linear"]["w"]),
+                                  np.asarray(q4_0_fake_quant(w, in_axis=0)))
+    np.testing.assert_array_equal(np.asarray(q["final_norm"]["scale"]), np.asarray(fp["final_norm"]["scale"]))
+    assert main(["quantize", "--checkpoint", str(tmp_path / "ck"), "--recipe", "mobile",
+                 "--out", str(tmp_path / "m")]) == 2
+    assert "E-type" in capsys.readouterr().err
