@@ -1,0 +1,1 @@
+"""Quantization numerics (fake-quant, quantize/dequantize) and byte packing; see FORMATS.md."""
