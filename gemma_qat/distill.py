@@ -165,6 +165,26 @@ def chunked_distill_loss(student_h: Array, teacher_h: Array, student_embed: Arra
     return _finish(sums, temp, alpha, with_ce)
 
 
+def chunked_ce_loss(h: Array, embed: Array, labels: Array, *, softcap: float | None,
+                    mask: Array | None = None, chunk_size: int = 256) -> tuple[Array, dict[str, Array]]:
+    """Next-token cross-entropy without a teacher (plain training, QAT on labels), chunked like
+    the distillation loss so no [B, T, V] fp32 logits exist at once."""
+    bt = h.shape[:2]
+    w = _weights(mask, bt)  # [B, T]
+
+    def body(xs):
+        hc, lb, wc = xs  # [B, c, D], [B, c], [B, c]
+        z = logits_from_hidden(hc, embed, softcap=softcap)  # [B, c, V]
+        tgt = jnp.take_along_axis(z, lb[..., None], -1, mode="clip")[..., 0]
+        ce = jax.nn.logsumexp(z, axis=-1) - tgt
+        return {"ce": jnp.sum(ce * wc, dtype=jnp.float32), "tokens": jnp.sum(wc, dtype=jnp.float32)}
+
+    per_chunk = _map_chunks(body, (h, labels.astype(jnp.int32), w), chunk_size, remat=True)
+    sums = jax.tree.map(lambda a: jnp.sum(a, 0), per_chunk)
+    ce = sums["ce"] / jnp.where(sums["tokens"] > 0, sums["tokens"], 1.0)
+    return ce, {"ce": ce, "tokens": sums["tokens"]}
+
+
 def unchunked_distill_loss(student_h: Array, teacher_h: Array, student_embed: Array,
                            teacher_embed: Array, *, softcap: float | None,
                            temperature: Scalar = 1.0, alpha: Scalar = 0.0,

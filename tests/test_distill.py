@@ -243,3 +243,19 @@ def test_topk_bucket_matches_numpy_and_bounds():
     same, aux = dl.topk_distill_loss(sh, se, lp_s, ids_s, softcap=None, temperature=temp,
                                      mask=mask, chunk_size=6)
     assert abs(float(same)) < 1e-5 and float(aux["top1_agree"]) == 1.0
+
+
+def test_chunked_ce_matches_unchunked_reference():
+    from gemma_qat.distill import chunked_ce_loss, unchunked_distill_loss
+    k = jax.random.split(jax.random.PRNGKey(7), 4)
+    h = jax.random.normal(k[0], (2, 24, 16))
+    e = jax.random.normal(k[1], (97, 16))
+    labels = jax.random.randint(k[2], (2, 24), 0, 97)
+    mask = (jax.random.uniform(k[3], (2, 24)) > 0.2).astype(jnp.float32)
+    ce, aux = chunked_ce_loss(h, e, labels, softcap=30.0, mask=mask, chunk_size=5)
+    _, ref = unchunked_distill_loss(h, h, e, e, softcap=30.0, alpha=1.0, labels=labels, mask=mask)
+    np.testing.assert_allclose(float(ce), float(ref["ce"]), rtol=1e-5)
+    g = jax.grad(lambda x: chunked_ce_loss(x, e, labels, softcap=30.0, mask=mask, chunk_size=5)[0])(h)
+    g_ref = jax.grad(lambda x: unchunked_distill_loss(x, h, e, e, softcap=30.0, alpha=1.0, labels=labels,
+                                                       mask=mask)[1]["ce"])(h)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-4, atol=1e-6)

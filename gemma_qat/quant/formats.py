@@ -171,9 +171,10 @@ def int_range(bits: int) -> tuple[int, int]:
 def _int_core(w: jax.Array, axes: tuple[int, ...], bits: int) -> tuple[jax.Array, jax.Array]:
     """-> (codes f32, same shape as w; scale f32, w.shape with 1 on `axes`).
 
-    Codes = clip(round_half_even(x * fl(1/scale))). Q4_0-style signed scale: the max-|x| element of each output channel maps exactly
-    to code lo = -2^(b-1); the opposite sign saturates at hi. For int2 this keeps the
-    4th level (symmetric absmax/1 would be ternary and zero almost everything).
+    Codes = clip(round_half_even(x * fl(1/scale))). Q4_0-style signed scale: the max-|x|
+    element of each output channel maps exactly to code lo = -2^(b-1); the opposite sign
+    saturates at hi. For int2 this keeps the 4th level (symmetric absmax/1 would be
+    ternary and zero almost everything).
     """
     lo, hi = int_range(bits)
     x = jnp.asarray(w).astype(_F32)
@@ -264,7 +265,7 @@ _lsq_fake_quant.defvjp(_lsq_fwd, _lsq_bwd)
 
 
 def act_fake_quant_int8(x: jax.Array, scale: jax.Array) -> jax.Array:
-    """Static int8 activation fake-quant: clamp(round(x/s), -128, 127) * s.
+    """Static int8 activation fake-quant: clamp(round(x * fl(1/s)), -128, 127) * s.
 
     scale: per-tensor (scalar) or anything broadcastable to x; 0 = pass-through.
     Gradients: x gets g where -128 <= x/s <= 127, else 0; scale gets the raw LSQ

@@ -1,0 +1,148 @@
+"""Training-step benchmark on one GPU: step time, tokens/s, MFU and peak memory of plain BF16
+training, QAT without a teacher and QAT with an online BF16 teacher, on identical batches.
+
+    python benchmarks/bench_step.py --config bench-1b --batch 2 --seq 2048          # all modes
+    python benchmarks/bench_step.py --config e2b --freeze-embeddings --remat full
+
+Each mode runs in its own process so peak memory is per mode. MFU follows shared/bench/README.md:
+(6·N + attention) per token for the student, plus (2·N + attention/3) for an online teacher,
+against --peak FLOP/s (989e12: H100 SXM dense bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from gemma_qat.distill import chunked_ce_loss, chunked_distill_loss
+from gemma_qat.model.config import get_config, interleave
+from gemma_qat.model.params import count_params, init_params
+from gemma_qat.model.transformer import Transformer
+from gemma_qat.quant.policy import RecipePolicy
+from gemma_qat.quant.recipe import get_recipe, resolve
+
+MODES = ("plain", "qat", "qat+teacher")
+
+
+def bench_config(name: str):
+    if name == "26b-a4b-4l":  # same layer shapes as 26B-A4B, 4 layers (3 sliding + 1 global)
+        return dataclasses.replace(get_config("26b-a4b"), name=name, layer_types=interleave(4, 4))
+    return get_config(name)
+
+
+def flops_per_token(cfg, seq: int, teacher: bool) -> float:
+    n = count_params(cfg)["total_params"]
+    attn = sum(4 * cfg.num_heads * cfg.layer_head_dim(i) * (seq / 2 if cfg.is_global(i) else min(seq / 2, cfg.sliding_window))
+               for i in range(cfg.num_layers))  # forward QKᵀ and AV
+    if cfg.is_moe:  # only top-k experts run per token
+        n = count_params(cfg)["active_params"]
+    return 3 * (2 * n + attn) + ((2 * n + attn) if teacher else 0)
+
+
+def _split(params, freeze_embeddings: bool):
+    flat = traverse_util.flatten_dict(params)
+    frozen = {k: v.astype(jnp.bfloat16) for k, v in flat.items() if freeze_embeddings and k[0] == "embedder"
+              and k[-1] in ("input_embedding", "per_layer_embeddings")}
+    train = {k: v for k, v in flat.items() if k not in frozen}
+    return traverse_util.unflatten_dict(train), traverse_util.unflatten_dict(frozen) if frozen else {}
+
+
+def _merge(a, b):
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(a), **traverse_util.flatten_dict(b)})
+
+
+def run_mode(args) -> dict:
+    cfg = bench_config(args.config)
+    mode = args.mode
+    quant = RecipePolicy(resolve(get_recipe("q4_0", cfg), cfg)) if "qat" in mode else None
+    kw = dict(dtype=jnp.bfloat16, remat=args.remat)
+    student = Transformer(cfg, **({"quant": quant} if quant else {}), **kw)
+    teacher = Transformer(cfg, **kw)
+    params = jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(0))
+    train, frozen = _split(params, args.freeze_embeddings)
+    t_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params) if "teacher" in mode else None
+    del params
+    tx = optax.adamw(1e-5, weight_decay=0.0)
+    opt = tx.init(train)
+    b, t = args.batch, args.seq
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (b, t), 0, cfg.vocab_size)
+    labels = jnp.roll(tokens, -1, axis=1)
+
+    def loss_fn(train, frozen, t_params, tokens, labels):
+        h, table = student.apply({"params": _merge(train, frozen)}, tokens, return_hidden=True)
+        if t_params is None:
+            return chunked_ce_loss(h, table, labels, softcap=cfg.final_softcap, chunk_size=args.chunk)[0]
+        th, ttable = teacher.apply({"params": t_params}, tokens, return_hidden=True)
+        return chunked_distill_loss(h, th, table, ttable, softcap=cfg.final_softcap, chunk_size=args.chunk)[0]
+
+    def step(train, opt, frozen, t_params, tokens, labels):
+        loss, g = jax.value_and_grad(loss_fn)(train, frozen, t_params, tokens, labels)
+        upd, opt = tx.update(g, opt, train)
+        return optax.apply_updates(train, upd), opt, loss
+
+    step = jax.jit(step, donate_argnums=(0, 1))  # old weights and moments never coexist with new
+    t0 = time.perf_counter()
+    train, opt, loss = step(train, opt, frozen, t_params, tokens, labels)
+    loss.block_until_ready()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        train, opt, loss = step(train, opt, frozen, t_params, tokens, labels)
+        loss.block_until_ready()
+        times.append(time.perf_counter() - t0)
+    dt = statistics.median(times[1:] if len(times) > 2 else times)
+    tok_s = b * t / dt
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"config": cfg.name, "mode": mode, "batch": b, "seq": t, "remat": args.remat,
+            "freeze_embeddings": args.freeze_embeddings, "step_s": dt, "tokens_per_s": tok_s,
+            "mfu": tok_s * flops_per_token(cfg, t, "teacher" in mode) / args.peak,
+            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "compile_s": compile_s,
+            "loss": float(loss), "device": jax.devices()[0].device_kind}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="bench-1b")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--chunk", type=int, default=512, help="tokens per chunk of the KL/CE loss")
+    ap.add_argument("--remat", default="none", choices=["none", "dots", "full"])
+    ap.add_argument("--freeze-embeddings", action="store_true", help="bf16, untrained embedding tables")
+    ap.add_argument("--peak", type=float, default=989e12)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--mode", help=argparse.SUPPRESS)  # one mode, in a child process
+    args = ap.parse_args()
+    if args.mode:
+        print("RESULT " + json.dumps(run_mode(args)), flush=True)
+        return
+    rows = []
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, __file__, "--mode", mode, "--config", args.config, "--batch", str(args.batch),
+               "--seq", str(args.seq), "--steps", str(args.steps), "--chunk", str(args.chunk),
+               "--remat", args.remat, "--peak", str(args.peak)] + ["--freeze-embeddings"] * args.freeze_embeddings
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        res = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        if out.returncode or not res:
+            print(f"{args.config} {mode}: FAILED\n{out.stderr[-2000:]}", flush=True)
+            continue
+        rows.append(json.loads(res[0][7:]))
+        r = rows[-1]
+        print(f"{r['config']:12s} {mode:12s} step {r['step_s']*1e3:8.1f} ms  {r['tokens_per_s']:9.0f} tok/s  "
+              f"MFU {100*r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  compile {r['compile_s']:.0f}s", flush=True)
+    print("JSON " + json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
