@@ -10,7 +10,8 @@ if [ "${1:-}" = "--test" ]; then
   # The CPU build of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
   # On this kind of machine pip finds torch 2.13.0 (CPU) on local disk; elsewhere it comes from PyPI.
   .venv/bin/python -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
-  pip_install -e ".[test]"
+  # llama-cpp-python compiles llama.cpp; portable flags so the build runs on any x86-64 CPU.
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" pip_install -e ".[test]"
 else
   pip_install -e .
 fi
