@@ -1,0 +1,1 @@
+"""QAT distillation training: run config, sharded state, the jitted step and the loop."""

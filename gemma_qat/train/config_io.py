@@ -1,0 +1,171 @@
+"""Typed config plumbing shared by every run-config schema: nested frozen dataclasses built from a
+TOML file plus dotted `key=value` overrides, with one clear error per mistake.
+
+The schema is the dataclass tree itself (see `train/config.py`); this file knows nothing about
+training. Errors name the full dotted key, so `optimizer.lrr=1` says which level had which keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence, TypeVar
+
+try:  # Python 3.11+ ships tomllib; 3.10 needs the backport (declared in pyproject for <3.11).
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+T = TypeVar("T")
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _hints(cls) -> dict[str, Any]:
+    # Resolves the string annotations that `from __future__ import annotations` leaves behind.
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """A value from TOML (already typed) or from an override string (`from_text`) into `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        # An integer literal is a fine float (`lr = 1`); a bool is not.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"config field {key} has unsupported type {tp!r}")
+    raise ValueError(f"config key {key} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _from_text(text: str, tp, key: str) -> Any:
+    """An override's right-hand side, parsed according to the field's declared type."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+    if type(None) in typing.get_args(tp) and text.lower() in ("none", "null"):
+        return None
+    for a in args:
+        if a is bool and text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        if a is int:
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        if a is float:
+            try:
+                return float(text)
+            except ValueError:
+                pass
+        if a is str:
+            return text
+    raise ValueError(f"config key {key} expects {' | '.join(_type_name(a) for a in args)}, got {text!r}")
+
+
+def _known(cls) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Nested dict → nested dataclass, checking every key and value type."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config key {prefix.rstrip('.') or '<root>'} must be a table, got {data!r}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = prefix + k
+        if k not in names:
+            level = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
+            raise ValueError(f"unknown config key {key!r}; known keys at {level}: {_known(cls)}")
+        tp = hints[k]
+        kwargs[k] = build(tp, v, key + ".") if dataclasses.is_dataclass(tp) else _coerce(v, tp, key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, cls, dotted: str, text: str) -> None:
+    parts = dotted.split(".")
+    node, node_cls, walked = tree, cls, ""
+    for i, part in enumerate(parts):
+        hints = _hints(node_cls)
+        if part not in hints:
+            level = f"[{walked}]" if walked else "the top level"
+            raise ValueError(f"unknown config key {dotted!r}; known keys at {level}: {_known(node_cls)}")
+        tp = hints[part]
+        walked = f"{walked}.{part}" if walked else part
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ValueError(f"config key {dotted!r} is a table; set one of its keys: {_known(tp)}")
+            node[part] = _from_text(text, tp, dotted)
+        else:
+            if not dataclasses.is_dataclass(tp):
+                raise ValueError(f"config key {walked!r} is a {_type_name(tp)}, not a table (in {dotted!r})")
+            node = node.setdefault(part, {})
+            node_cls = tp
+
+
+def parse_overrides(cls, overrides: Sequence[str]) -> dict:
+    """['optimizer.lr=1e-3', 'mesh.fsdp=4'] → nested dict of typed values."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not of the form key=value (e.g. optimizer.lr=3e-4)")
+        _set_dotted(tree, cls, key.strip(), text.strip())
+    return tree
+
+
+def merge(base: Mapping, update: Mapping) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def read_file(path: str | Path) -> dict:
+    """A TOML (or JSON, e.g. the config saved beside a checkpoint) file as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {e}") from None
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Defaults ← file ← overrides, validated into `cls`."""
+    data = read_file(path) if path is not None else {}
+    return build(cls, merge(data, parse_overrides(cls, overrides)))
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,225 @@
+"""The training loop: set everything up sharded, resume if possible, step, log, checkpoint, stop
+cleanly on SIGTERM.
+
+    cfg ─► mesh ─► student (init or checkpoint) ─► TrainState (sharded) ─┐
+                └► teacher ("same" or checkpoint), frozen, sharded ─────┤
+    data iterator (grain, checkpointable) ─────────────────────────────┤
+                                                                        ▼
+    restore newest readable checkpoint ─► loop { step ─► metrics (one step late) ─► save? ─► stop? }
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+
+from gemma_qat import checkpoint, distill, sharding
+from gemma_qat.model.layers import QuantPolicy
+from gemma_qat.model.transformer import Transformer
+from gemma_qat.train import inputs, metrics as metrics_lib, optimizer as optim, state as state_lib, step as step_lib
+from gemma_qat.train.checkpointing import RunCheckpointer
+from gemma_qat.train.config import DistillSection, RunConfig
+from gemma_qat.train.policy import resolve_policy
+from gemma_qat.train.signals import StopFlag, install_handlers
+
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: step_lib.TrainState
+    losses: dict[int, float]  # steps done → loss of that step
+    resumed_from: int | None
+    stopped_early: bool  # a stop was requested (SIGTERM) before total_steps
+    run_dir: Path
+
+
+def distill_schedule(d: DistillSection, total_steps: int) -> distill.DistillSchedule:
+    if d.schedule == "constant":
+        return distill.DistillSchedule(d.temperature, d.alpha)
+    ramp = distill.linear if d.schedule == "linear" else distill.cosine
+    steps = d.schedule_steps or total_steps
+    t_end = d.temperature if d.temperature_end is None else d.temperature_end
+    a_end = d.alpha if d.alpha_end is None else d.alpha_end
+    return distill.DistillSchedule(ramp(d.temperature, t_end, steps), ramp(d.alpha, a_end, steps))
+
+
+def _make_mesh(cfg: RunConfig, devices: Sequence[jax.Device] | None):
+    try:
+        return sharding.make_mesh(cfg.mesh, devices)
+    except ValueError as e:
+        raise ValueError(f"[mesh] does not fit the devices: {e}") from None
+
+
+def _check_batch_layout(cfg: RunConfig, mesh) -> None:
+    spec = sharding.batch_sharding(mesh, cfg.mesh.recipe).spec[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    shards = 1
+    for a in axes:
+        shards *= mesh.shape[a]
+    if cfg.data.global_batch_size % shards:
+        raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} must be a multiple of the "
+                         f"{shards} batch shards of mesh axes {axes} (recipe {cfg.mesh.recipe!r})")
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything `train` sets up before the first step."""
+    state: step_lib.TrainState
+    teacher_params: dict
+    jstep: Callable
+    batch_sharding: jax.sharding.NamedSharding
+    iterator: object  # grain.DatasetIterator
+    ckpt: RunCheckpointer
+    logger: metrics_lib.MetricsLogger
+    mesh: jax.sharding.Mesh
+    resumed_from: int | None
+    model_config: object  # ModelConfig of the student
+    policy: QuantPolicy
+    tokenizer: str
+
+
+def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) -> _Run:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mesh = _make_mesh(cfg, devices)
+    _check_batch_layout(cfg, mesh)
+    recipe, o = cfg.mesh.recipe, cfg.optimizer
+    param_dtype, compute = _DTYPES[o.param_dtype], _DTYPES[o.compute_dtype]
+    teacher_dtype = _DTYPES[cfg.teacher.param_dtype]
+
+    s_cfg = state_lib.student_config(cfg.model.name)
+    if cfg.teacher.checkpoint != "same":  # before any heavy work: a wrong teacher fails fast
+        state_lib.check_teacher(checkpoint.load_config(cfg.teacher.checkpoint), s_cfg, cfg.teacher.checkpoint)
+    spec, tokenizer = inputs.resolve(cfg, s_cfg.vocab_size)
+    policy = quant_policy if quant_policy is not None else resolve_policy(cfg.quant.recipe, s_cfg)
+    if jax.process_index() == 0:
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    tx = optim.make_optimizer(o)
+    # Set-up runs outside `sharding.activate`: unboxing logical-axis metadata eagerly under active
+    # rules would try to constrain arrays that have no sharding yet; out_shardings place everything.
+    params = state_lib.init_student_params(cfg.model.name, s_cfg, mesh, recipe, seed=cfg.model.init_seed,
+                                           param_dtype=param_dtype)
+    t_cfg, t_params = state_lib.load_teacher(cfg.teacher.checkpoint, s_cfg, params, mesh, recipe,
+                                             dtype=teacher_dtype)
+    if cfg.model.init_noise > 0:  # after the teacher copy: "same" means the clean initial weights
+        params = state_lib.perturb_params(params, seed=cfg.model.init_seed, noise=cfg.model.init_noise)
+    state, state_sh = state_lib.create_train_state(params, tx, mesh, seed=cfg.model.init_seed)
+    del params  # the state holds its own copy
+    t_sh = jax.tree.map(lambda a: a.sharding, t_params)
+    batch_sh = sharding.batch_sharding(mesh, recipe)
+
+    iterator = inputs.make_iterator(cfg, spec, tokenizer, s_cfg.vocab_size)
+    ckpt = RunCheckpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
+                           async_save=cfg.checkpoint.async_save)
+    restored = ckpt.restore(state_lib.abstract_state(state_sh, state), iterator, cfg.to_dict())
+    resumed_from = None
+    if restored is not None:
+        resumed_from, state = restored
+        log.info("resumed from step %d in %s", resumed_from, ckpt.directory)
+        print_fn(f"resumed from checkpoint step {resumed_from}")
+
+    def build_step():
+        student = Transformer(s_cfg, quant=policy, dtype=compute, param_dtype=param_dtype, remat=cfg.remat)
+        teacher = Transformer(t_cfg, dtype=compute, param_dtype=teacher_dtype)
+        step_fn = step_lib.make_step_fn(student, teacher, tx, distill_schedule(cfg.distill, o.total_steps),
+                                        optim.lr_schedule(o), grad_accum_steps=o.grad_accum_steps,
+                                        chunk_size=cfg.distill.chunk_size)
+        return step_lib.jit_step(step_fn, state_sh, t_sh, batch_sh, mesh)
+
+    # Everything the compiled step depends on; the shardings follow from configs, mesh and recipe.
+    key = (s_cfg, t_cfg, policy, o, cfg.distill, cfg.remat, cfg.teacher.param_dtype, mesh, recipe,
+           cfg.data.global_batch_size, cfg.data.seq_len)
+    logger = metrics_lib.MetricsLogger(
+        run_dir, total_steps=o.total_steps, tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len,
+        flops_per_token=metrics_lib.flops_per_token(s_cfg, t_cfg, cfg.data.seq_len),
+        peak_flops=cfg.logging.peak_flops_per_device * mesh.size, tensorboard=cfg.logging.tensorboard,
+        is_writer=jax.process_index() == 0, resumed_from=resumed_from or 0, print_fn=print_fn)
+    return _Run(state=state, teacher_params=t_params, jstep=step_lib.cached(key, build_step),
+                batch_sharding=batch_sh, iterator=iterator, ckpt=ckpt, logger=logger, mesh=mesh,
+                resumed_from=resumed_from, model_config=s_cfg, policy=policy, tokenizer=tokenizer.name)
+
+
+def train(cfg: RunConfig, *, quant_policy: QuantPolicy | None = None,
+          devices: Sequence[jax.Device] | None = None, stop: StopFlag | None = None,
+          on_step: Callable[[int, dict], None] | None = None, print_fn=print) -> TrainResult:
+    """Runs (or resumes) `cfg` up to optimizer.total_steps, or until a stop is requested.
+
+    quant_policy: overrides `cfg.quant.recipe` (any object with the QuantPolicy methods).
+    devices: the devices the mesh spans (default all).
+    stop: a StopFlag to request a clean stop from another thread (SIGTERM/SIGINT set it too).
+    on_step(step, metrics): called on the host with each step's metrics, one step late.
+    """
+    run = _setup(cfg, quant_policy, devices, print_fn)
+    total, state, losses = cfg.optimizer.total_steps, run.state, {}
+
+    def process(step: int, device_metrics: dict) -> None:
+        host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        dt = run.logger.step_done()
+        metrics_lib.check_finite(step, host["loss"])
+        losses[step] = host["loss"]
+        if step % cfg.logging.every_steps == 0 or step == total:
+            run.logger.log(step, host, dt)
+        if on_step is not None:
+            on_step(step, host)
+
+    flag = stop or StopFlag()
+    step = int(jax.device_get(state.step))
+    pending, stopped = None, False
+    try:
+        with install_handlers(flag), sharding.activate(run.mesh, cfg.mesh.recipe):
+            while step < total:
+                batch = step_lib.global_batch(next(run.iterator), run.batch_sharding)
+                state, device_metrics = run.jstep(state, run.teacher_params, batch)
+                step += 1
+                # Read the previous step's metrics while this one runs: the host never stalls the device.
+                if pending is not None:
+                    process(*pending)
+                pending = (step, device_metrics)
+                stopped = _agreed_stop(flag)
+                if step % cfg.checkpoint.every_steps == 0 or step == total or stopped:
+                    run.ckpt.save(step, state, run.iterator.get_state(), cfg.to_dict())
+                if stopped:
+                    print_fn(f"stop requested ({flag.reason}): saved step {step}, exiting")
+                    break
+            if pending is not None:
+                process(*pending)
+    finally:
+        run.ckpt.wait()
+        run.ckpt.close()
+        run.logger.close()
+    if step >= total:
+        save_final_model(cfg, run, state)
+    return TrainResult(state=state, losses=losses, resumed_from=run.resumed_from,
+                       stopped_early=stopped and step < total, run_dir=Path(cfg.run_dir))
+
+
+FINAL_MODEL_DIR = "model"
+
+
+def save_final_model(cfg: RunConfig, run: _Run, state) -> Path:
+    """<run_dir>/model: the trained student as a model checkpoint (params, config, and in meta the
+    recipe it was trained under and the tokenizer), which export, eval and a next run start from."""
+    recipe = getattr(run.policy, "resolution", None)
+    meta = {"kind": "qat" if recipe is not None else "float", "step": int(jax.device_get(state.step)),
+            "param_dtype": cfg.optimizer.param_dtype, "tokenizer": run.tokenizer,
+            "run_config": cfg.to_dict(), **({"recipe": recipe.recipe.to_dict()} if recipe is not None else {})}
+    out = Path(cfg.run_dir) / FINAL_MODEL_DIR
+    checkpoint.save_model(out, state.params, run.model_config, meta=meta, force=True)
+    return out
+
+
+def _agreed_stop(flag: StopFlag) -> bool:
+    """Every process must save the same step, so a stop seen by any host is a stop for all."""
+    if jax.process_count() == 1:
+        return flag.is_set()
+    return bool(multihost_utils.process_allgather(jnp.int32(flag.is_set())).max())

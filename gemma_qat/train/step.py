@@ -1,0 +1,94 @@
+"""One jitted distillation step: frozen teacher forward, quantized student forward and backward,
+chunked KL(+CE) loss, optax update. Pure: (state, teacher params, batch) → (state, metrics)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gemma_qat.distill import DistillSchedule, chunked_distill_loss
+from gemma_qat.model.transformer import Transformer
+from gemma_qat.train.optimizer import trainable_grad_norm
+from gemma_qat.train.state import TrainState
+
+Batch = dict[str, jax.Array]  # tokens, targets, loss_mask, segment_ids, positions: each [B, T] int32
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def _hidden(model: Transformer, params, batch: Batch, **kw):
+    # Returns (h [B, T, D] after the final norm, table [V, D] as the quant policy presents it).
+    return model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                       return_hidden=True, **kw)
+
+
+def make_step_fn(student: Transformer, teacher: Transformer, tx: optax.GradientTransformation,
+                 schedule: DistillSchedule, lr_fn: Callable, *, grad_accum_steps: int, chunk_size: int):
+    """The un-jitted step (tests call it eagerly; `jit_step` compiles it with shardings)."""
+    softcap = student.config.final_softcap
+
+    def step_fn(state: TrainState, teacher_params, batch: Batch):
+        rng, step_rng = jax.random.split(state.rng)
+        temperature, alpha = schedule(state.step)
+        # The teacher never gets a gradient; stop_gradient also lets XLA drop its backward entirely.
+        t_h, t_table = jax.lax.stop_gradient(_hidden(teacher, teacher_params, batch))
+
+        def loss_fn(params):
+            # 'quant' rng: for stochastic policies (e.g. stochastic rounding); NoQuant ignores it.
+            s_h, s_table = _hidden(student, params, batch, rngs={"quant": step_rng})
+            return chunked_distill_loss(s_h, t_h, s_table, t_table, softcap=softcap, temperature=temperature,
+                                        alpha=alpha, labels=batch["targets"], mask=batch["loss_mask"],
+                                        chunk_size=chunk_size)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # The rate of the update this step belongs to (with accumulation: the one it completes).
+        update_step = state.step // grad_accum_steps * grad_accum_steps
+        metrics = {
+            "loss": loss, "kl": aux["kl"], "ce": aux["ce"], "top1_agree": aux["top1_agree"],
+            "loss_tokens": aux["tokens"], "grad_norm": trainable_grad_norm(grads),
+            "lr": jnp.asarray(lr_fn(update_step), jnp.float32), "temperature": temperature, "alpha": alpha,
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        return new_state, metrics
+
+    return step_fn
+
+
+def jit_step(step_fn, state_sh: TrainState, teacher_sh, batch_sh: NamedSharding, mesh: Mesh):
+    """Shardings pin where everything lives, so XLA never guesses a layout and nothing is resharded
+    between steps; the state is donated so old and new weights never coexist in memory. Metrics are
+    replicated scalars. Call (and trace) it inside `sharding.activate(mesh, recipe)`."""
+    batch_shardings = {k: batch_sh for k in BATCH_KEYS}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step_fn, in_shardings=(state_sh, teacher_sh, batch_shardings),
+                   out_shardings=(state_sh, replicated), donate_argnums=(0,))
+
+
+_COMPILED: dict = {}
+_MAX_COMPILED = 4
+
+
+def cached(key, build: Callable[[], Callable]) -> Callable:
+    """`build()` once per hashable `key` (a few kept). A jitted function compiles once per function
+    object, so repeated runs in one process (resume, tests, sweeps) reuse the compiled step only if
+    they reuse the object; an unhashable key (e.g. a custom policy without __hash__) just builds."""
+    try:
+        hash(key)
+    except TypeError:
+        return build()
+    if key not in _COMPILED:
+        if len(_COMPILED) >= _MAX_COMPILED:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        _COMPILED[key] = build()
+    return _COMPILED[key]
+
+
+def global_batch(host_batch: dict, batch_sh: NamedSharding) -> Batch:
+    """This host's numpy rows → global jax.Arrays laid out over the batch axes (works unchanged from
+    one process to many: each host contributes its own rows)."""
+    return {k: jax.make_array_from_process_local_data(batch_sh, host_batch[k]) for k in BATCH_KEYS}

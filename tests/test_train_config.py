@@ -1,0 +1,123 @@
+"""Run config: TOML + dotted overrides into typed frozen dataclasses, one clear error per mistake;
+the quant-policy registry; multi-host environment detection."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gemma_qat.model.config import get_config
+from gemma_qat.model.layers import NoQuant
+from gemma_qat.train import distributed, policy
+from gemma_qat.train.config import RunConfig, from_dict, load_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _toml(tmp_path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_file_and_overrides_layer_in_order(tmp_path):
+    path = _toml(tmp_path, '[optimizer]\nlr = 1\ntotal_steps = 50\n[mesh]\nfsdp = 2\nrecipe = "fsdp_tp"\n')
+    cfg = load_run_config(path, ["optimizer.total_steps=70", "logging.tensorboard=false", "distill.alpha_end=none"])
+    assert cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)  # int literal is a fine float
+    assert cfg.optimizer.total_steps == 70 and cfg.mesh.fsdp == 2 and cfg.mesh.recipe == "fsdp_tp"
+    assert cfg.logging.tensorboard is False and cfg.distill.alpha_end is None
+    assert cfg.optimizer.b1 == RunConfig().optimizer.b1  # untouched keys keep their defaults
+
+
+def test_to_dict_round_trips_through_json(tmp_path):
+    cfg = load_run_config(None, ["optimizer.lr=3e-4", "distill.temperature_end=2.0", "mesh.expert=2"])
+    again = from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    assert load_run_config(tmp_path / "config.json") == cfg  # a saved run config loads as a config file
+
+
+def test_unknown_key_names_the_dotted_key_and_the_known_keys(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'optimizer.learning_rate'; known keys at "
+                                         r"\[optimizer\]: lr, warmup_steps"):
+        load_run_config(None, ["optimizer.learning_rate=1e-3"])
+    with pytest.raises(ValueError, match=r"unknown config key 'optimiser'; known keys at the top level: run_dir"):
+        load_run_config(_toml(tmp_path, "[optimiser]\nlr = 1.0\n"))
+    with pytest.raises(ValueError, match=r"unknown config key 'mesh.pipeline'"):
+        load_run_config(_toml(tmp_path, "[mesh]\npipeline = 2\n"))
+
+
+def test_wrong_type_names_key_type_and_value(tmp_path):
+    with pytest.raises(ValueError, match=r"config key optimizer.total_steps expects int, got 'ten'"):
+        load_run_config(None, ["optimizer.total_steps=ten"])
+    with pytest.raises(ValueError, match=r"config key data.seq_len expects int, got 64.5 \(float\)"):
+        load_run_config(_toml(tmp_path, "[data]\nseq_len = 64.5\n"))
+    with pytest.raises(ValueError, match=r"config key logging.tensorboard expects bool, got 'maybe'"):
+        load_run_config(None, ["logging.tensorboard=maybe"])
+    with pytest.raises(ValueError, match=r"config key optimizer.lr expects float, got True \(bool\)"):
+        load_run_config(_toml(tmp_path, "[optimizer]\nlr = true\n"))
+    with pytest.raises(ValueError, match=r"'optimizer' is a table"):
+        load_run_config(None, ["optimizer=3"])
+    with pytest.raises(ValueError, match="not of the form key=value"):
+        load_run_config(None, ["optimizer.lr"])
+
+
+def test_value_checks_collect_every_problem():
+    with pytest.raises(ValueError) as e:
+        load_run_config(None, ["optimizer.compute_dtype=fp8", "remat=some", "distill.alpha=1.5",
+                               "optimizer.warmup_steps=2000"])
+    msg = str(e.value)
+    for part in ("optimizer.compute_dtype='fp8' must be one of", "remat='some'", "distill.alpha=1.5 must be in [0, 1]",
+                 "warmup_steps=2000 exceeds optimizer.total_steps=1000"):
+        assert part in msg
+    with pytest.raises(ValueError, match="unknown sharding recipe 'zero3'"):
+        load_run_config(None, ["mesh.recipe=zero3"])
+    with pytest.raises(ValueError, match="data.tokenizer is required"):
+        load_run_config(None, ["data.spec=jsonl:/x.jsonl"])
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="is not valid TOML"):
+        load_run_config(_toml(tmp_path, "[optimizer\nlr = 1\n"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_run_config(tmp_path / "nope.toml")
+
+
+def test_shipped_tiny_config_loads():
+    cfg = load_run_config(REPO / "configs" / "tiny.toml")
+    assert cfg.model.name == "tiny-e2b" and cfg.data.seq_len == 64 and cfg.data.global_batch_size == 8
+
+
+# --- quant policy registry --------------------------------------------------------------------
+def test_policy_registry():
+    cfg = get_config("tiny-e2b")
+    assert isinstance(policy.resolve_policy("none", cfg), NoQuant)
+    assert policy.resolve_policy("none", cfg) is policy.resolve_policy("none", cfg)  # one compiled step
+
+    class Marker(NoQuant):
+        pass
+
+    policy.register_policy("test-marker", lambda c: Marker())
+    assert isinstance(policy.resolve_policy("test-marker", cfg), Marker)
+
+
+# --- multi-host detection ---------------------------------------------------------------------
+def test_distributed_detection_is_explicit():
+    assert distributed.detect({}) == ("single", {})
+    assert distributed.detect({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})[0] == "single"
+    assert distributed.detect({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) == ("slurm", {})
+    assert distributed.detect({"TPU_WORKER_HOSTNAMES": "a,b"}) == ("tpu", {})
+    mode, kw = distributed.detect({"JAX_COORDINATOR_ADDRESS": "h:1234", "JAX_NUM_PROCESSES": "2",
+                                   "JAX_PROCESS_ID": "1", "JAX_LOCAL_DEVICE_IDS": "0,1"})
+    assert mode == "explicit" and kw == dict(coordinator_address="h:1234", num_processes=2, process_id=1,
+                                             local_device_ids=[0, 1])
+    with pytest.raises(ValueError, match=r"incomplete.*'JAX_PROCESS_ID'"):
+        distributed.detect({"JAX_COORDINATOR_ADDRESS": "h:1234", "JAX_NUM_PROCESSES": "2"})
+    assert distributed.initialize({}) == "single"  # no jax.distributed call for a single host
+
+
+def test_cli_train_reports_config_errors_in_one_line(capsys):
+    from gemma_qat import cli
+    rc = cli.main(["train", "--config", str(REPO / "configs" / "tiny.toml"), "optimizer.lr=fast"])
+    assert rc == 2
+    assert "gemma-qat train: error: config key optimizer.lr expects float, got 'fast'" in capsys.readouterr().err

@@ -1,0 +1,79 @@
+"""Preemption and resume: a run killed by SIGTERM and resumed gives the uninterrupted run's losses
+exactly (state, rng and data position all restored); a damaged newest checkpoint is skipped loudly."""
+
+import logging
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from gemma_qat.train.loop import train
+from train_helpers import TOTAL_STEPS, base_config
+
+ONE_DEVICE = jax.devices()[:1]
+QUIET = dict(devices=ONE_DEVICE, print_fn=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Checkpoints at 5, 10, 15, 20 and the loss of every step."""
+    return train(base_config(tmp_path_factory.mktemp("full")), **QUIET)
+
+
+def test_sigterm_then_resume_matches_uninterrupted(uninterrupted, tmp_path):
+    def sigterm_at_7(step, metrics):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real handler path, not a flag poke
+
+    before = signal.getsignal(signal.SIGTERM)
+    first = train(base_config(tmp_path), on_step=sigterm_at_7, **QUIET)
+    assert signal.getsignal(signal.SIGTERM) is before  # handler uninstalled after the run
+    assert first.stopped_early
+    stopped_at = max(first.losses)
+    assert 7 <= stopped_at < TOTAL_STEPS and stopped_at % 5  # saved at the stop, not on the schedule
+    assert int(first.state.step) == stopped_at
+
+    second = train(base_config(tmp_path), **QUIET)
+    assert second.resumed_from == stopped_at and not second.stopped_early
+    assert sorted(second.losses) == list(range(stopped_at + 1, TOTAL_STEPS + 1))
+    resumed = {**first.losses, **second.losses}
+    np.testing.assert_array_equal([resumed[s] for s in range(1, TOTAL_STEPS + 1)],
+                                  [uninterrupted.losses[s] for s in range(1, TOTAL_STEPS + 1)])
+    # The metrics log holds each step once, even though the two runs overlap on disk.
+    steps = [int(l.split('"step": ')[1].split(",")[0]) for l in (tmp_path / "metrics.jsonl").open()]
+    assert steps == list(range(1, TOTAL_STEPS + 1))
+
+
+# Orbax leaves un-awaited read coroutines behind when a damaged checkpoint fails to restore.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_damaged_newest_checkpoints_fall_back_with_a_warning(uninterrupted, tmp_path, caplog):
+    ckpt = uninterrupted.run_dir / "checkpoints"
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [5, 10, 15, 20]
+    # Step 20: a truncated array file. Step 15: the data-iterator file is missing.
+    biggest = max((p for p in (ckpt / "20" / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 3])
+    (ckpt / "15" / "data" / "process_0-of-1.json").unlink()
+
+    with caplog.at_level(logging.WARNING, logger="gemma_qat.train.checkpointing"):
+        again = train(base_config(uninterrupted.run_dir), **QUIET)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("STEP 20 IS UNREADABLE" in w for w in warnings), warnings
+    assert any("STEP 15 IS UNREADABLE" in w for w in warnings), warnings
+    assert again.resumed_from == 10
+    for s in range(11, TOTAL_STEPS + 1):
+        assert again.losses[s] == uninterrupted.losses[s]
+    # The damaged folders are kept aside for inspection, and training wrote fresh ones.
+    assert len(list(ckpt.glob("corrupt-20-*"))) == 1 and len(list(ckpt.glob("corrupt-15-*"))) == 1
+    assert (ckpt / "20" / "state").is_dir()
+
+
+def test_checkpoints_of_another_model_are_an_error_not_corruption(uninterrupted, tmp_path):
+    import shutil
+    shutil.copytree(uninterrupted.run_dir / "checkpoints" / "5", tmp_path / "checkpoints" / "5")
+    cfg = base_config(tmp_path, "model.name=tiny-31b", "model.init_noise=0.0")
+    with pytest.raises(ValueError, match=r"written by a different run \(model.name: checkpoint '.*ckpt' vs config "
+                                         r"'tiny-31b'\)"):
+        train(cfg, **QUIET)
+    assert (tmp_path / "checkpoints" / "5").is_dir()  # left where it was
