@@ -1,60 +1,149 @@
-"""The embedded default: runs on any CPU machine with no weights and no internet.
+"""The embedded default: the whole chain on a CPU with no weights and no internet.
 
-Until the distillation pipeline lands, the demo shows the model family: official parameter counts of
-every variant (computed without memory), then a tiny Gemma-4-shaped E2B sibling that is created,
-checkpointed with Orbax, restored and run. Finished steps are reused on a re-run.
+1. corpus + tokenizer from the Python standard library (inside the teacher run)
+2. a tiny-e2b BF16-role teacher trained from scratch (next-token cross-entropy)
+3. a Q4_0 student QAT-distilled from it (KL to the frozen teacher, fake-quant + STE)
+4. the PTQ baseline: the teacher quantized directly with the same recipe
+5. exports: Q4_0 Orbax, GGUF (llama.cpp), and mobile (teacher PTQ'd with the mobile recipe and
+   calibrated static activation scales)
+6. evaluation of teacher / PTQ / QAT / exports on held-out text, and a report folder
+
+Every stage writes into its own folder under the work dir and is skipped when its output exists.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
-from gemma_qat.checkpoint import load_model, save_model
-from gemma_qat.inference import forward_logits
-from gemma_qat.model.config import get_config
-from gemma_qat.model.params import count_params, init_params
+from gemma_qat.checkpoint import load_model, read_meta, save_model
+from gemma_qat.quant.policy import calibrate
+from gemma_qat.quant.ptq import dequantized_params
+from gemma_qat.quant.recipe import get_recipe, resolve
+from gemma_qat.train.config import load_run_config
+from gemma_qat.train.loop import FINAL_MODEL_DIR, train
+from pipelines.evaluate import print_table
 
-FAMILY = ["e2b", "e4b", "12b", "26b-a4b", "31b"]
-
-
-def _step(title: str):
-    print(f"\n== {title}", flush=True)
-    return time.perf_counter()
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+TEACHER_STEPS, QAT_STEPS = 400, 200
 
 
-def run_demo(workdir: Path, *, fresh: bool = False) -> int:
-    if fresh and workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+class _Stage:
+    """Prints a numbered heading and the elapsed time; `done` tells whether to skip."""
 
-    t0 = _step("Gemma 4 family (text decoders, counted through jax.eval_shape)")
-    print(f"{'model':10s} {'total':>16s} {'embedding':>14s} {'per-layer emb':>14s} {'active':>16s}")
-    for name in FAMILY:
-        c = count_params(get_config(name))
-        print(f"{name:10s} {c['total_params']:>16,d} {c['embedding_params']:>14,d} "
-              f"{c['per_layer_embedding_params']:>14,d} {c.get('active_params', c['total_params']):>16,d}")
-    print(f"({time.perf_counter() - t0:.1f}s)")
+    def __init__(self, n: int, title: str, output: Path):
+        self.output, self.t0 = output, time.perf_counter()
+        self.done = output.exists()
+        print(f"\n[{n}/6] {title}" + ("  (reusing " + str(output) + ")" if self.done else ""), flush=True)
 
-    ckpt = workdir / "tiny-e2b-init"
-    t0 = _step(f"tiny-e2b: random init → Orbax checkpoint at {ckpt}")
-    cfg = get_config("tiny-e2b")
-    if (ckpt / "model_config.json").is_file():
-        print("reusing the finished checkpoint")
-    else:
-        save_model(ckpt, init_params(cfg, jax.random.PRNGKey(0)), cfg, meta={"param_dtype": "float32"})
-    config, params = load_model(ckpt)
-    print(f"restored {config.name}: {config.num_layers} layers, PLE {config.ple_dim}, "
-          f"KV-shared layers {config.num_kv_shared_layers} ({time.perf_counter() - t0:.1f}s)")
+    def finish(self):
+        print(f"      {time.perf_counter() - self.t0:.1f}s → {self.output}", flush=True)
 
-    t0 = _step("forward pass on 24 tokens (longer than the 8-token sliding window)")
-    tokens = list(range(2, 26))
-    logits = forward_logits(config, params, tokens)
-    print(f"logits {logits.shape} float32, finite={bool(np.isfinite(logits).all())}, "
-          f"argmax of the last position: {int(logits[-1].argmax())} ({time.perf_counter() - t0:.1f}s)")
-    print("\ndone: see README.md for import-hf, logits and the test suite")
+
+def _train(work: Path, stage: str, overrides: list[str]) -> Path:
+    cfg = load_run_config(CONFIG, [f"run_dir={work / stage}", *overrides])
+    # One device: the demo's mesh is 1×1×1×1 whatever the host exposes.
+    train(cfg, devices=jax.devices()[:1])
+    return work / stage / FINAL_MODEL_DIR
+
+
+def run_demo(work: Path, *, fresh: bool = False) -> int:
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    teacher_dir = work / "teacher" / FINAL_MODEL_DIR
+    data_dir = work / "teacher" / "data"
+
+    s = _Stage(1, f"teacher: tiny-e2b trained from scratch on the Python stdlib ({TEACHER_STEPS} steps)",
+               teacher_dir)
+    if not s.done:
+        _train(work, "teacher", [f"optimizer.total_steps={TEACHER_STEPS}",
+                                 f"optimizer.warmup_steps={min(20, TEACHER_STEPS // 4)}"])
+    s.finish()
+    tokenizer = data_dir / "tokenizer.model"
+
+    qat_dir = work / "qat" / FINAL_MODEL_DIR
+    s = _Stage(2, f"QAT: Q4_0 student distilled from the frozen teacher ({QAT_STEPS} steps)", qat_dir)
+    if not s.done:
+        _train(work, "qat", [
+            f"model.name={teacher_dir}", f"teacher.checkpoint={teacher_dir}", "quant.recipe=q4_0",
+            f"data.spec=jsonl:{data_dir / 'train.jsonl'}", f"data.tokenizer={tokenizer}", "data.seed=1",
+            "distill.alpha=0.0", "optimizer.lr=1e-3", f"optimizer.warmup_steps={min(10, QAT_STEPS // 4)}",
+            f"optimizer.total_steps={QAT_STEPS}"])
+    s.finish()
+
+    config, teacher_params = load_model(teacher_dir)
+    ptq_dir = work / "ptq-q4_0"
+    s = _Stage(3, "PTQ baseline: the teacher quantized directly with the q4_0 recipe", ptq_dir)
+    if not s.done:
+        res = resolve(get_recipe("q4_0", config), config)
+        save_model(ptq_dir, dequantized_params(config, teacher_params, res), config,
+                   meta={**read_meta(teacher_dir), "kind": "ptq", "recipe": res.recipe.to_dict()})
+    s.finish()
+
+    exports = work / "exports"
+    s = _Stage(4, "exports: Q4_0 Orbax, GGUF, mobile", exports / "done.json")
+    if not s.done:
+        _exports(work, exports, qat_dir, teacher_dir, tokenizer, data_dir)
+        (exports / "done.json").write_text(json.dumps({"ok": True}))
+    s.finish()
+
+    report = work / "report"
+    s = _Stage(5, "evaluation on held-out text (teacher, PTQ, QAT, exports)", report / "results.json")
+    if not s.done:
+        _evaluate(work, report, tokenizer, data_dir / "valid.jsonl")
+    s.finish()
+
+    print("\n[6/6] summary (held-out Python stdlib text; KL and top-1 against the teacher)")
+    print_table(json.loads((report / "results.json").read_text()))
+    print(f"\nreport: {report / 'report.md'} (plots beside it)")
     return 0
+
+
+def _evaluate(work: Path, report: Path, tokenizer: Path, valid: Path) -> None:
+    """`gemma-qat eval` on the demo's artifacts: the same code path a user runs."""
+    exports = work / "exports"
+    candidates = [f"qat-q4_0={work / 'qat' / FINAL_MODEL_DIR}", f"export-q4_0={exports / 'student-q4_0'}",
+                  f"mobile-ptq={exports / 'teacher-mobile'}"]
+    try:
+        import llama_cpp  # noqa: F401  (optional: the GGUF row needs llama.cpp)
+        candidates.append(f"gguf-q4_0={exports / 'student-q4_0.gguf'}")
+    except ImportError:
+        print("      (llama-cpp-python not installed: the GGUF row is skipped)")
+    from gemma_qat.cli import build_parser
+    args = build_parser().parse_args([
+        "eval", "--teacher", str(work / "teacher" / FINAL_MODEL_DIR), "--ptq", "--recipe", "q4_0",
+        "--data", f"jsonl:{valid}", "--tokenizer", str(tokenizer), "--seq-len", "128", "--batch-size", "8",
+        "--batches", "16", "--report", str(report), "--curves", f"teacher={work / 'teacher'}",
+        f"qat-q4_0={work / 'qat'}", "--candidates", *candidates])
+    args.fn(args)
+
+
+def _exports(work: Path, exports: Path, qat_dir: Path, teacher_dir: Path, tokenizer: Path, data_dir: Path):
+    from gemma_qat.data import Tokenizer, make_eval_batches
+    from gemma_qat.export.common import load_student, save_quant_scales
+    from gemma_qat.export.gguf import export_gguf
+    from gemma_qat.export.mobile import export_mobile
+    from gemma_qat.export.orbax_q4_0 import export_q4_0
+
+    exports.mkdir(parents=True, exist_ok=True)
+    export_q4_0(qat_dir, exports / "student-q4_0", tokenizer=tokenizer, force=True)
+    config, params, res, _ = load_student(qat_dir)
+    export_gguf(config, params, res, exports / "student-q4_0.gguf", tokenizer=tokenizer, force=True)
+
+    # Mobile: the teacher PTQ'd with the mobile recipe, activation scales calibrated on training text.
+    config, t_params = load_model(teacher_dir)
+    mres = resolve(get_recipe("mobile", config), config)
+    mobile_ckpt = work / "ptq-mobile"
+    if not mobile_ckpt.exists():
+        batches = make_eval_batches(f"jsonl:{data_dir / 'train.jsonl'}", Tokenizer.load(tokenizer), seq_len=128,
+                                    global_batch_size=8, num_batches=4)
+        scales = calibrate(config, t_params, mres, batches)
+        save_model(mobile_ckpt, t_params, config,
+                   meta={**read_meta(teacher_dir), "kind": "ptq", "recipe": mres.recipe.to_dict()})
+        save_quant_scales(mobile_ckpt, scales)
+    export_mobile(mobile_ckpt, exports / "teacher-mobile", tokenizer=tokenizer, force=True)
