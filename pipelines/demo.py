@@ -72,7 +72,7 @@ def run_demo(work: Path, *, fresh: bool = False) -> int:
         _train(work, "qat", [
             f"model.name={teacher_dir}", f"teacher.checkpoint={teacher_dir}", "quant.recipe=q4_0",
             f"data.spec=jsonl:{data_dir / 'train.jsonl'}", f"data.tokenizer={tokenizer}", "data.seed=1",
-            "distill.alpha=0.0", "optimizer.lr=1e-3", f"optimizer.warmup_steps={min(10, QAT_STEPS // 4)}",
+            "distill.alpha=0.0", "optimizer.lr=1e-4", f"optimizer.warmup_steps={min(10, QAT_STEPS // 4)}",
             f"optimizer.total_steps={QAT_STEPS}"])
     s.finish()
 
