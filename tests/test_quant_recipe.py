@@ -111,3 +111,22 @@ def test_calibrated_activation_scales_change_the_output():
     assert float(jnp.abs(with_acts - weights_only).max()) > 0
     np.testing.assert_array_equal(np.asarray(weights_only), np.asarray(
         Transformer(cfg).apply({"params": dequantized_params(cfg, params, res)}, tokens)))
+
+
+@pytest.mark.parametrize("name,recipe", [("tiny-31b", "q4_0")])  # int formats: tests/test_quant_aqt.py
+def test_aqt_backend_gives_the_same_student(name, recipe):
+    """The policy through AQT (aqt_backend) and through formats.py: same logits, same gradients."""
+    cfg = get_config(name)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    res = resolve(get_recipe(recipe, cfg), cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, cfg.vocab_size)
+
+    def run(backend):
+        model = Transformer(cfg, quant=RecipePolicy(res, backend=backend))
+        f = lambda p: model.apply({"params": p}, tokens)
+        return jax.jit(f)(params), jax.jit(jax.grad(lambda p: f(p).sum()))(params)
+
+    (out_f, g_f), (out_a, g_a) = run("formats"), run("aqt")
+    np.testing.assert_array_equal(np.asarray(out_a), np.asarray(out_f))
+    for a, b in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_f)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)

@@ -39,7 +39,7 @@ def _norm_axes(in_axis: Axis, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def _ste(fn: Callable, w: jax.Array) -> jax.Array:
+def straight_through(fn: Callable, w: jax.Array) -> jax.Array:
     """Forward fn(w) exactly (no w + (deq - w) rounding in bf16); backward identity."""
 
     @jax.custom_vjp
@@ -156,7 +156,7 @@ def q4_0_fake_quant(w: jax.Array, *, in_axis: int) -> jax.Array:
         q, d = _q4_0_core(_q4_0_blocks(w, axis))
         return q4_0_dequantize(q, d.astype(jnp.float16), in_axis=axis, dtype=w.dtype)
 
-    return _ste(fwd, w)
+    return straight_through(fwd, w)
 
 
 # ------------------------------------------------- per-output-channel int2/4/8
@@ -217,7 +217,7 @@ def int_fake_quant(w: jax.Array, *, bits: int, in_axis: Axis,
         q, s = _int_core(w, axes, bits)
         return int_dequantize(q, s, dtype=w.dtype)
 
-    return _ste(fwd, w)
+    return straight_through(fwd, w)
 
 
 # --------------------------------------------------------- static-scale (LSQ) path

@@ -29,14 +29,22 @@ def weight_axes(fmt: str, in_axes: tuple[int, ...]):
     return in_axes[-1] if fmt == "q4_0" else in_axes
 
 
-class RecipePolicy:
-    """Applies a Resolution. `calibrating=True` records activation absmax instead of quantizing."""
+BACKENDS = ("formats", "aqt")
 
-    def __init__(self, resolution: Resolution, *, calibrating: bool = False):
+
+class RecipePolicy:
+    """Applies a Resolution. `calibrating=True` records activation absmax instead of quantizing.
+    `backend="aqt"` computes the weight fake-quant through AQT (aqt_backend.py), which reproduces
+    formats.py bit for bit; the default calls formats.py directly (fewer layers, same numbers)."""
+
+    def __init__(self, resolution: Resolution, *, calibrating: bool = False, backend: str = "formats"):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown quantization backend {backend!r}; choose one of {BACKENDS}")
         self.resolution = resolution
         self.formats = resolution.formats
         self.act_int8 = resolution.recipe.activations == "int8_static"
         self.calibrating = calibrating
+        self.backend = backend
 
     def _format(self, module, name) -> str:
         path = param_path(module, name)
@@ -50,6 +58,13 @@ class RecipePolicy:
         fmt = self._format(module, name)
         if fmt == FLOAT:
             return w
+        if self.backend == "aqt":
+            from gemma_qat.quant.aqt_backend import aqt_fake_quant
+            axes = weight_axes(fmt, in_axes)
+            axes = (axes,) if isinstance(axes, int) else axes
+            # AQT's own straight-through gradient lives in its dot_general; used on the weight alone
+            # its dequant has zero gradient, so wrap it in the same identity VJP as formats.py.
+            return formats.straight_through(lambda v: aqt_fake_quant(v, weight_format=fmt, in_axes=axes), w)
         return formats.get_format(fmt).fake_quant(w, weight_axes(fmt, in_axes))
 
     def activation(self, module, name, x, *, site):
@@ -65,7 +80,7 @@ class RecipePolicy:
         return formats.act_fake_quant_int8(x, jax.lax.stop_gradient(scale.value)).astype(x.dtype)
 
     def __repr__(self):
-        return f"RecipePolicy({self.resolution.recipe.name})"
+        return f"RecipePolicy({self.resolution.recipe.name}, backend={self.backend})"
 
 
 class _Recorder:
