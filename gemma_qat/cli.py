@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 
-PIPELINE_COMMANDS = ("pipelines.train", "pipelines.export", "pipelines.evaluate")  # each module: register(subparsers)
+PIPELINE_COMMANDS = ("pipelines.train", "pipelines.export", "pipelines.evaluate", "pipelines.preflight")  # each module: register(subparsers)
 
 
 def _cmd_info(args) -> int:

@@ -90,6 +90,13 @@ def test_mesh_that_does_not_fit_the_devices(tmp_path):
         train(base_config(tmp_path, "mesh.fsdp=3"))
 
 
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")
+def test_q4_0_mesh_that_splits_blocks_is_refused(tmp_path):
+    # tiny-e2b has d_model 64: fsdp=4 leaves 16 of a 32-wide Q4_0 block per device.
+    with pytest.raises(ValueError, match="split Q4_0 blocks"):
+        train(base_config(tmp_path, "quant.recipe=q4_0", "mesh.fsdp=4"), devices=jax.devices()[:4])
+
+
 def test_batch_not_divisible_by_batch_shards(tmp_path):
     with pytest.raises(ValueError, match="global_batch_size=12 must be a multiple of the 8 batch shards"):
         train(base_config(tmp_path, "mesh.fsdp=8", "data.global_batch_size=12"))

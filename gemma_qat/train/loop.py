@@ -18,11 +18,13 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import multihost_utils
 
 from gemma_qat import checkpoint, distill, sharding
 from gemma_qat.model.layers import QuantPolicy
 from gemma_qat.model.transformer import Transformer
+from gemma_qat.quant.policy import RecipePolicy, check_q4_0_blocks
 from gemma_qat.train import inputs, metrics as metrics_lib, optimizer as optim, state as state_lib, step as step_lib
 from gemma_qat.train.checkpointing import RunCheckpointer
 from gemma_qat.train.config import DistillSection, RunConfig
@@ -114,6 +116,8 @@ def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) 
     if cfg.model.init_noise > 0:  # after the teacher copy: "same" means the clean initial weights
         params = state_lib.perturb_params(params, seed=cfg.model.init_seed, noise=cfg.model.init_noise)
     state, state_sh = state_lib.create_train_state(params, tx, mesh, seed=cfg.model.init_seed)
+    if isinstance(policy, RecipePolicy):  # a Q4_0 block split across devices would not be Q4_0
+        check_q4_0_blocks(policy.resolution, s_cfg, state_sh.params)
     del params  # the state holds its own copy
     t_sh = jax.tree.map(lambda a: a.sharding, t_params)
     batch_sh = sharding.batch_sharding(mesh, recipe)
@@ -222,4 +226,6 @@ def _agreed_stop(flag: StopFlag) -> bool:
     """Every process must save the same step, so a stop seen by any host is a stop for all."""
     if jax.process_count() == 1:
         return flag.is_set()
-    return bool(multihost_utils.process_allgather(jnp.int32(flag.is_set())).max())
+    # A numpy value, not jnp: under `sharding.activate` (jax.set_mesh) a jnp scalar is a global array
+    # over the mesh, which process_allgather rejects ("non-fully-addressable ... tiled=True").
+    return bool(multihost_utils.process_allgather(np.int32(flag.is_set())).max())

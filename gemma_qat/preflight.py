@@ -1,0 +1,301 @@
+"""Pre-launch check: does this run config fit that topology? Sizes and shardings of every buffer of the
+train step, computed from shapes on this (CPU) host; nothing is allocated and no data, tokenizer or
+weights are read.
+
+    config + topology ─► mesh shape (errors name the axis and the fix) ─► abstract mesh
+      ─► eval_shape(params, tx.init) × NamedShardings ─► exact per-device bytes of params/opt/teacher
+      ─► the jitted step: compiled for the real TPU topology when libtpu is here, else traced and
+         lowered for the target platform on an AbstractMesh (optionally compiled on XLA:CPU fakes)
+      ─► activations: compiled memory_analysis when the target compiler ran, else preflight_memory
+
+What is exact and what is estimated is said per row of the report (`source`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+from jax.sharding import AbstractMesh, Mesh
+
+from gemma_qat import checkpoint, preflight_memory, sharding
+from gemma_qat.model.config import get_config
+from gemma_qat.model.params import abstract_params, logical_axes
+from gemma_qat.model.transformer import Transformer
+from gemma_qat.preflight_report import Report, TensorRow
+from gemma_qat.topologies import Topology, parse
+from gemma_qat.train import optimizer as optim, state as state_lib, step as step_lib
+from gemma_qat.train.config import RunConfig
+from gemma_qat.train.loop import _check_batch_layout, distill_schedule
+from gemma_qat.train.policy import resolve_policy
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REPLICATED_TOLERANCE = 0.02  # MaxText's sharding_tolerance: warn above this fraction of replicated bytes
+
+
+class PreflightError(ValueError):
+    """The config cannot run on the topology at all (the message names the field and the fix)."""
+
+
+def _nbytes(tree) -> int:
+    """Per-device bytes of ShapeDtypeStructs carrying NamedShardings (shards are even: sharding._fit)."""
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def _with(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def _mesh_shape(cfg: RunConfig, topo: Topology) -> tuple[int, ...]:
+    try:
+        return cfg.mesh.shape(topo.chips)
+    except ValueError as e:
+        raise PreflightError(f"[mesh] does not fit {topo.name} ({topo.chips} chips): {e}. Fix: make the "
+                             f"product of mesh.data/fsdp/tensor/expert equal {topo.chips}, or set one "
+                             "of them to -1 to take the rest") from None
+
+
+def _models(cfg: RunConfig, teacher_model: str | None, notes: list[str]):
+    name = cfg.model.name
+    if not state_lib.is_variant(name) and not (Path(name) / "config.json").is_file():
+        raise PreflightError(f"model.name {name!r} is neither a variant nor a checkpoint folder on this host; "
+                             "preflight needs only the architecture: add the override model.name=VARIANT "
+                             "(the variant the checkpoint was imported from, e.g. model.name=e2b)")
+    s_cfg = state_lib.student_config(name)
+    src = cfg.teacher.checkpoint
+    if teacher_model:
+        t_cfg = get_config(teacher_model)
+        notes.append(f"teacher sized as --teacher-model {teacher_model}")
+    elif src == "same":
+        t_cfg = s_cfg
+    elif (Path(src) / "config.json").is_file():
+        t_cfg = checkpoint.load_config(src)
+    else:  # a placeholder path in a preset: preflight never needs the weights
+        t_cfg = s_cfg
+        notes.append(f"teacher checkpoint {src!r} not found here: sized as the student's architecture "
+                     "(self-distillation); pass --teacher-model to size another")
+    state_lib.check_teacher(t_cfg, s_cfg, src)
+    return s_cfg, t_cfg
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def _check_dims(model_cfg, shardings, mesh, recipe: str, notes: list[str]) -> None:
+    """sharding._fit silently replicates a dim its mesh axes do not divide. A dim at least as large
+    as the axis is a config mistake (error); a smaller one (1 KV head over tensor=2) is the intended
+    fallback (note)."""
+    specs = traverse_util.flatten_dict(logical_axes(model_cfg))
+    shapes = {k: v.shape for k, v in traverse_util.flatten_dict(abstract_params(model_cfg)).items()}
+    fitted = traverse_util.flatten_dict(shardings)
+    errors, fallbacks = {}, {}
+    for path, logical in specs.items():
+        wanted = nn.logical_to_mesh_axes(tuple(logical), sharding.rules(recipe))
+        got = tuple(fitted[path].spec) + (None,) * len(shapes[path])
+        for dim, (w, g, size) in enumerate(zip(wanted, got, shapes[path])):
+            lost = [a for a in _axes(w) if a not in _axes(g) and mesh.shape[a] > 1]
+            for a in lost:
+                key = (logical[dim], size, a, mesh.shape[a])
+                (errors if size >= mesh.shape[a] else fallbacks).setdefault(key, "/".join(path))
+    for (name, size, axis, n), example in sorted(fallbacks.items()):
+        notes.append(f"{name}={size} is smaller than mesh {axis}={n}: replicated over {axis} (e.g. {example})")
+    if errors:
+        parts = []
+        for (name, size, axis, n), example in sorted(errors.items()):
+            ok = [d for d in range(1, size + 1) if size % d == 0 and d <= 64]
+            parts.append(f"dimension {name}={size} (e.g. {example}) is not divisible by mesh axis {axis}={n}; "
+                         f"use {axis} in {ok}")
+        raise PreflightError("; ".join(parts))
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Everything the jitted step needs for one mesh (abstract or concrete)."""
+    mesh: object
+    state: object  # abstract TrainState with shardings
+    teacher: dict
+    batch: dict
+    jitted: object
+
+
+def _plan(cfg, mesh, s_cfg, t_cfg, tx, policy, abstract_state) -> _Plan:
+    recipe, o = cfg.mesh.recipe, cfg.optimizer
+    p_dtype, t_dtype = _DTYPES[o.param_dtype], _DTYPES[cfg.teacher.param_dtype]
+    p_sh = state_lib.param_shardings(s_cfg, mesh, recipe, param_dtype=p_dtype)
+    state_sh = state_lib.state_shardings(abstract_state, p_sh, mesh)
+    t_sh = state_lib.param_shardings(t_cfg, mesh, recipe, param_dtype=t_dtype)
+    batch_sh = sharding.batch_sharding(mesh, recipe)
+    compute = _DTYPES[o.compute_dtype]
+    student = Transformer(s_cfg, quant=policy, dtype=compute, param_dtype=p_dtype, remat=cfg.remat)
+    teacher = Transformer(t_cfg, dtype=compute, param_dtype=t_dtype)
+    fn = step_lib.make_step_fn(student, teacher, tx, distill_schedule(cfg.distill, o.total_steps),
+                               optim.lr_schedule(o), grad_accum_steps=o.grad_accum_steps,
+                               chunk_size=cfg.distill.chunk_size)
+    shape = (cfg.data.global_batch_size, cfg.data.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh) for k in step_lib.BATCH_KEYS}
+    return _Plan(mesh, _with(abstract_state, state_sh), _with(abstract_params(t_cfg, param_dtype=t_dtype), t_sh),
+                 batch, step_lib.jit_step(fn, state_sh, t_sh, batch_sh, mesh))
+
+
+def _memory_stats(compiled) -> dict | None:
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
+    stats = {k.replace("_in_bytes", ""): int(getattr(m, k)) for k in keys}
+    stats["peak"] = stats["argument_size"] + stats["output_size"] - stats["alias_size"] + stats["temp_size"]
+    return stats
+
+
+def _check_step(cfg, topo, shape, build, report: Report, *, cpu_compile: bool) -> None:
+    """Compiles for the target if its compiler is here; otherwise lowers on the abstract mesh for the
+    target platform, and compiles on XLA:CPU fake devices when asked and the count matches."""
+    recipe = cfg.mesh.recipe
+    if topo.platform == "tpu":
+        from jax.experimental import topologies as jtopo
+        try:
+            devices = jtopo.get_topology_desc(platform="tpu", **topo.tpu_topology_kwargs()).devices
+        except RuntimeError as e:  # "JAX TPU support not installed": a CPU host without libtpu
+            report.notes.append(f"no TPU compiler on this host ({str(e).split(' See ')[0].strip()}): "
+                                "fell back to lowering on an abstract mesh")
+        else:
+            plan = build(Mesh(np.asarray(devices).reshape(shape), sharding.MESH_AXES))
+            try:
+                with sharding.activate(plan.mesh, recipe):
+                    compiled = plan.jitted.lower(plan.state, plan.teacher, plan.batch).compile()
+            except Exception as e:  # XlaRuntimeError; only an out-of-HBM verdict is an answer, not a crash
+                if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
+                    raise
+                report.problems.append(f"the TPU compiler says it does not fit: {str(e)[:600]}")
+                report.step_check, report.compiler_out_of_memory = f"compile for {topo.name}: out of HBM", True
+                return
+            report.compiled, report.compiled_on = _memory_stats(compiled), f"TPU compiler ({topo.name})"
+            report.step_check = f"compiled for {topo.name} by the TPU compiler (libtpu)"
+            return
+    plan = build(AbstractMesh(shape, sharding.MESH_AXES))
+    with jax.sharding.use_abstract_mesh(plan.mesh), nn.logical_axis_rules(sharding.rules(recipe)):
+        lowered = plan.jitted.trace(plan.state, plan.teacher, plan.batch).lower(
+            lowering_platforms=(topo.lowering_platform,))
+    kib = len(lowered.as_text()) // 1024
+    report.step_check = (f"traced and lowered for {topo.lowering_platform} on an abstract {topo.chips}-device "
+                         f"mesh ({kib} KiB StableHLO); not compiled")
+    if not cpu_compile:
+        return
+    if jax.device_count() != topo.chips or jax.devices()[0].platform != "cpu":
+        report.notes.append(f"--cpu-compile skipped: needs {topo.chips} CPU devices, this process has "
+                            f"{jax.device_count()} {jax.devices()[0].platform} (set XLA_FLAGS="
+                            f"--xla_force_host_platform_device_count={topo.chips} before jax starts)")
+        return
+    plan = build(Mesh(np.asarray(jax.devices()).reshape(shape), sharding.MESH_AXES))
+    with sharding.activate(plan.mesh, recipe):
+        compiled = plan.jitted.lower(plan.state, plan.teacher, plan.batch).compile()
+    report.compiled, report.compiled_on = _memory_stats(compiled), f"XLA:CPU on {topo.chips} fake devices"
+    report.step_check += f"; also compiled on XLA:CPU ({topo.chips} fake devices)"
+
+
+def _largest(abstract_state, n: int = 10) -> list[TensorRow]:
+    flat = traverse_util.flatten_dict(abstract_state.params)
+    rows = [TensorRow("/".join(k), tuple(a.shape), str(a.dtype), str(tuple(a.sharding.spec)),
+                      tuple(a.sharding.shard_shape(a.shape)),
+                      math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize) for k, a in flat.items()]
+    return sorted(rows, key=lambda r: -math.prod(r.shape))[:n]
+
+
+def _replicated(abstract_state, mesh_size: int, notes: list[str]) -> None:
+    flat = traverse_util.flatten_dict(abstract_state.params)
+    total = sum(math.prod(a.shape) for a in flat.values())
+    repl = {"/".join(k): math.prod(a.shape) for k, a in flat.items() if not any(_axes(e) for e in a.sharding.spec)}
+    frac = sum(repl.values()) / total
+    if mesh_size > 1 and frac > REPLICATED_TOLERANCE:
+        top = ", ".join(f"{k} ({v:,} params)" for k, v in sorted(repl.items(), key=lambda kv: -kv[1])[:3])
+        notes.append(f"{frac:.0%} of the parameters are replicated on every device (tolerance "
+                     f"{REPLICATED_TOLERANCE:.0%}): {top}; a recipe that shards these dims saves that memory")
+
+
+def _gathered_layer_bytes(abstract_state, mesh) -> int:
+    """The largest layer's params after the FSDP all-gather: divided by every mesh axis but fsdp."""
+    per_layer: dict[str, int] = {}
+    for k, a in traverse_util.flatten_dict(abstract_state.params).items():
+        shards = math.prod(mesh.shape[ax] for e in a.sharding.spec for ax in _axes(e) if ax != "fsdp")
+        per_layer[k[0]] = per_layer.get(k[0], 0) + math.prod(a.shape) // shards * a.dtype.itemsize
+    return max(v for k, v in per_layer.items() if k.startswith("layer_"))
+
+
+def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = True, cpu_compile: bool = False,
+                  teacher_model: str | None = None) -> Report:
+    """The report for `cfg` on `topology`; raises PreflightError when the config cannot run there.
+
+    lower=False skips the step (shapes and shardings only: seconds, even for the largest variants).
+    """
+    topo = parse(topology) if isinstance(topology, str) else topology
+    shape = _mesh_shape(cfg, topo)
+    mesh = AbstractMesh(shape, sharding.MESH_AXES)
+    recipe, o = cfg.mesh.recipe, cfg.optimizer
+    try:
+        _check_batch_layout(cfg, mesh)  # the loop's own check: preflight rejects exactly what it rejects
+    except ValueError as e:
+        raise PreflightError(f"{e}; fix: change data.global_batch_size or the mesh") from None
+    if cfg.data.global_batch_size % topo.hosts:
+        raise PreflightError(f"data.global_batch_size={cfg.data.global_batch_size} must split evenly over the "
+                             f"{topo.hosts} hosts of {topo.name} (each host reads its own rows)")
+    report = Report(topology=topo, mesh=dict(zip(sharding.MESH_AXES, shape)), recipe=recipe, config=cfg)
+    s_cfg, t_cfg = _models(cfg, teacher_model, report.notes)
+    policy = resolve_policy(cfg.quant.recipe, s_cfg)
+    tx = optim.make_optimizer(o)
+    p_dtype = _DTYPES[o.param_dtype]
+
+    def init(p):
+        return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                                    rng=jax.random.PRNGKey(0))
+
+    abstract = jax.eval_shape(init, abstract_params(s_cfg, param_dtype=p_dtype))
+    build = lambda m: _plan(cfg, m, s_cfg, t_cfg, tx, policy, abstract)  # noqa: E731
+    plan = build(mesh)
+    _check_dims(s_cfg, jax.tree.map(lambda a: a.sharding, plan.state.params), mesh, recipe, report.notes)
+    if t_cfg is not s_cfg:
+        _check_dims(t_cfg, jax.tree.map(lambda a: a.sharding, plan.teacher), mesh, recipe, report.notes)
+    resolution = getattr(policy, "resolution", None)
+    if resolution is not None and "q4_0" in resolution.quantized().values():
+        from gemma_qat.quant.policy import check_q4_0_blocks
+        try:
+            check_q4_0_blocks(resolution, s_cfg, jax.tree.map(lambda a: a.sharding, plan.state.params))
+            report.checks.append("Q4_0 blocks of 32 never straddle a shard boundary")
+        except ValueError as e:
+            report.problems.append(str(e))
+    _replicated(plan.state, math.prod(shape), report.notes)
+    inner = report.mesh["tensor"] * report.mesh["expert"]  # the innermost mesh axes: one host's devices
+    if topo.hosts > 1 and topo.platform == "gpu" and inner > topo.chips_per_host:
+        report.notes.append("tensor × expert spans more than one host: their collectives go over the network")
+
+    param_b, opt_b, teacher_b = _nbytes(plan.state.params), _nbytes(plan.state.opt_state), _nbytes(plan.teacher)
+    report.add("student params", param_b, f"exact: shapes × shardings ({o.param_dtype} master)")
+    report.add("optimizer state", opt_b, "exact: eval_shape(tx.init) × shardings (AdamW μ, ν"
+               + (", accumulator)" if o.grad_accum_steps > 1 else ")"))
+    report.add("teacher params", teacher_b, f"exact: shapes × shardings ({cfg.teacher.param_dtype})")
+    report.add("gradients", param_b, "exact size; transient, live through the update")
+    rows = plan.batch["tokens"].sharding.shard_shape(plan.batch["tokens"].shape)[0]
+    geometry = preflight_memory.StepGeometry(
+        rows=rows, seq_len=cfg.data.seq_len, compute_bytes=jnp.dtype(_DTYPES[o.compute_dtype]).itemsize,
+        tensor=report.mesh["tensor"] if recipe != "fsdp" else 1, remat=cfg.remat, chunk=cfg.distill.chunk_size,
+        gathered_layer_bytes=_gathered_layer_bytes(plan.state, mesh))
+    terms, kind = preflight_memory.estimate(s_cfg, t_cfg, geometry)
+    report.estimate_terms, report.rows_per_device = terms, rows
+    report.add("activations + temporaries", terms["total"],
+               f"estimate (remat={cfg.remat}, b={rows}, T={cfg.data.seq_len}, largest transient: {kind})")
+    report.largest = _largest(plan.state)
+    if lower:
+        _check_step(cfg, topo, shape, build, report, cpu_compile=cpu_compile)
+    else:
+        report.step_check = "not traced (shapes and shardings only)"
+    report.finish()
+    return report
+
+
+__all__ = ["PreflightError", "Report", "run_preflight"]

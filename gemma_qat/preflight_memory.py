@@ -1,0 +1,96 @@
+"""Analytic per-device activation memory of one distillation step (an estimate, not a measurement).
+
+Used by the preflight when no compiler for the target platform is at hand (a CPU host without
+libtpu, any GPU target). The model is the one in model/transformer.py as written: attention
+materialises fp32 scores [B, K, G, T, S] (no flash kernel), remat wraps whole blocks, the loss runs
+over sequence chunks with remat (distill.py), the teacher runs forward only.
+
+Letters: b rows per device, T seq_len, c bytes of the compute dtype, D model dim, N/K q/kv heads,
+H head dim, F FFN dim, P PLE dim, V vocab, L layers, tp the tensor shards of heads/FFN/vocab
+activations (1 under the `fsdp` recipe; a dim tp does not divide stays whole, as sharding._fit does).
+
+Per layer i, everything live if nothing were rematerialised:
+    A_i = 8·bTD·c                      residual stream, its norms and branch outputs
+        + bT·H·(2N + 2K)/tp·c          q, k, v and attention output
+        + b·N/tp·T²·(8 + c)            fp32 scores, fp32 softmax, probabilities
+        + 3·bT·F/tp·c                  gate, up, gelu·up  (+ MoE: top-k routed copies, fp32 scatter)
+        + 3·bT·P·c                     per-layer-embedding gate/projection
+Saved for the backward, by `remat`:
+    none: A_i      dots: the matmul outputs without batch dims, bT·(H(N+2K)/tp + 3D + 2F/tp + 2P)·c
+    full: the block input bT·(D + P)·c
+Step peak = Σ_i saved_i + embeddings/PLE/final hidden (bT·(3D + 2LP)·c)
+          + max( one layer's backward: A_max × (1 if remat=none else 2: recompute + cotangents),
+                 teacher forward: its A_max + its PLE and hidden,
+                 loss chunk: 6 · b·chunk·V/tp · 4 bytes  (student and teacher logits, log-softmaxes, grad) )
+          + tied head tables: 2·V/tp·D·c (student, teacher, gathered over fsdp) + V/tp·D·4 (fp32 grad)
+          + weights in flight: 3 × the largest layer's weights gathered over fsdp (all-gather,
+            prefetch, fake-quant temporaries), in the param dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from gemma_qat.model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StepGeometry:
+    rows: int  # b: batch rows per device
+    seq_len: int
+    compute_bytes: int
+    tensor: int  # tp: shards of head/FFN/vocab activations
+    remat: str
+    chunk: int
+    gathered_layer_bytes: int  # the largest layer's weights after the FSDP all-gather, per device
+
+
+def _div(n: int, shards: int) -> int:
+    return n // shards if n % shards == 0 else n
+
+
+def _layer(cfg: ModelConfig, i: int, g: StepGeometry) -> tuple[int, int, int]:
+    """(A_i, saved under remat=dots, saved under remat=full) in bytes."""
+    b, t, c, tp = g.rows, g.seq_len, g.compute_bytes, g.tensor
+    bt, d, h, p = b * t, cfg.d_model, cfg.layer_head_dim(i), cfg.ple_dim
+    nq, nk = _div(cfg.num_heads, tp), _div(cfg.layer_kv_heads(i), tp)
+    f = _div(cfg.layer_ffn_dim(i), tp)
+    full = (8 * bt * d * c + bt * h * (2 * nq + 2 * nk) * c + b * nq * t * t * (8 + c)
+            + 3 * bt * f * c + 3 * bt * p * c)
+    dots = bt * (h * (nq + 2 * nk) + 3 * d + 2 * f + 2 * p) * c
+    if cfg.is_moe:
+        k, fe = cfg.top_k_experts, _div(cfg.expert_ffn_dim, tp)
+        # Routed copies [bT·k, D] and [bT·k, 2F_e], the fp32 expert outputs and scatter target, router probs.
+        full += bt * k * (d + 3 * fe) * c + bt * k * d * 4 + bt * d * 4 + bt * cfg.num_experts * 4
+        dots += bt * k * (2 * fe + d) * c  # ragged_dot outputs have no batch dims: saved
+    return full, dots, bt * (d + p) * c
+
+
+def _outside_layers(cfg: ModelConfig, g: StepGeometry) -> int:
+    bt, c = g.rows * g.seq_len, g.compute_bytes
+    return bt * (3 * cfg.d_model + 2 * cfg.num_layers * cfg.ple_dim) * c
+
+
+def estimate(student: ModelConfig, teacher: ModelConfig, g: StepGeometry) -> tuple[dict[str, int], str]:
+    """(named terms in bytes per device of the formula in the module docstring, with their `total`;
+    which transient is the largest)."""
+    layers = [_layer(student, i, g) for i in range(student.num_layers)]
+    pick = {"none": 0, "dots": 1, "full": 2}[g.remat]
+    saved = sum(layer[pick] for layer in layers) + _outside_layers(student, g)
+    a_max = max(layer[0] for layer in layers)
+    backward = a_max * (1 if g.remat == "none" else 2)
+    teacher_fwd = max(_layer(teacher, i, g)[0] for i in range(teacher.num_layers)) + _outside_layers(teacher, g)
+    v_local = _div(student.vocab_size, g.tensor)
+    loss_chunk = 6 * g.rows * min(g.chunk, g.seq_len) * v_local * 4
+    transient = max(backward, teacher_fwd, loss_chunk)
+    tables = v_local * (student.d_model + teacher.d_model) * g.compute_bytes + v_local * student.d_model * 4
+    in_flight = 3 * g.gathered_layer_bytes
+    terms = {"saved_activations": saved, "largest_transient": transient, "head_tables": tables,
+             "weights_in_flight": in_flight}
+    terms["total"] = sum(terms.values())
+    kind = {backward: "layer backward", teacher_fwd: "teacher forward", loss_chunk: "loss chunk"}[transient]
+    return terms, kind
+
+
+FORMULA = ("estimate (preflight_memory.py): Σ saved per layer by remat + max(layer backward, teacher "
+           "forward, loss chunk) + head tables + 3× largest gathered layer")

@@ -1,0 +1,132 @@
+"""Preflight: per-device sizes from shapes × shardings (checked against a real compile on 8 fake CPU
+devices), the TPU fallback, clear mesh errors, and every preset config.
+
+The full-size presets run shapes + shardings only (`lower=False`): tracing and lowering a full E2B
+step takes ~15-45 s on two shared cores; `gemma-qat preflight` does it (see launch/README.md).
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import pytest
+
+from gemma_qat import topologies
+from gemma_qat.model.config import get_config
+from gemma_qat.preflight import PreflightError, run_preflight
+from gemma_qat.train.config import load_run_config
+from pipelines import preflight as cli
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.toml"
+PRESETS = sorted(p for p in (ROOT / "configs").glob("*.toml") if p.stem.endswith(("-q4_0", "-mobile")))
+
+
+def _rows(report) -> dict[str, int]:
+    return {what: b for what, b, _ in report.rows}
+
+
+def test_topology_table():
+    t = topologies.parse("v5p-64")
+    assert (t.chips, t.hosts, t.chips_per_host, t.tpu_shape, t.platform) == (32, 8, 4, (2, 4, 4), "tpu")
+    assert topologies.parse("v6e-8").hosts == 1 and topologies.parse("v6e-16").hosts == 4
+    g = topologies.parse("4x8xH100")
+    assert (g.chips, g.hosts, g.platform, g.lowering_platform) == (32, 4, "gpu", "cuda")
+    assert topologies.parse("8xH200").hbm_bytes > topologies.parse("8xH100").hbm_bytes
+    for bad, match in [("v5p-12", "multiple of 8"), ("a100", "unknown topology"), ("9xH100", "1-8 GPUs")]:
+        with pytest.raises(ValueError, match=match):
+            topologies.parse(bad)
+
+
+def test_tiny_on_8xh100_compiles_without_allocating_and_sizes_are_exact():
+    cfg = load_run_config(TINY)
+    live = len(jax.live_arrays())
+    r = run_preflight(cfg, "8xH100", cpu_compile=True)
+    assert len(jax.live_arrays()) == live  # shapes only: nothing was put on a device
+    assert r.ok and r.fits and r.mesh["fsdp"] == 8
+    assert "compiled on XLA:CPU" in r.step_check and r.compiled is not None
+    rows = _rows(r)
+    # XLA's own argument buffers = our params + optimizer + teacher, plus the batch (5 int32 [1, 64]
+    # rows per device) and the step counter and rng (4 + 8 bytes): the "exact" rows are exact.
+    batch = 5 * r.rows_per_device * cfg.data.seq_len * 4
+    exact = rows["student params"] + rows["optimizer state"] + rows["teacher params"]
+    assert r.compiled["argument_size"] == exact + batch + 12
+    assert not r.target_compiled and r.total_source.startswith("exact sizes + activation estimate")
+    assert "estimate" in dict((w, s) for w, _, s in r.rows)["activations + temporaries"]
+    assert r.largest[0].path == "embedder/per_layer_embeddings" and len(r.largest) == 10
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu present: no fallback")
+def test_tpu_topology_falls_back_to_abstract_lowering():
+    r = run_preflight(load_run_config(TINY), "v5p-8")  # 4 chips: an abstract mesh, not the 8 CPU devices
+    assert r.mesh == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
+    assert any("no TPU compiler on this host" in n for n in r.notes)
+    assert "lowered for tpu on an abstract 4-device mesh" in r.step_check and r.compiled is None
+    assert r.ok
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["mesh.data=3"], r"does not fit 8xH100 \(8 chips\).*not a multiple of 3.*Fix"),
+    (["mesh.fsdp=4"], r"has 4 devices but 8 are present"),
+    (["data.global_batch_size=6"], r"global_batch_size=6 must be a multiple of the 8 batch shards"),
+])
+def test_mesh_errors_name_the_axis_and_the_fix(overrides, match):
+    with pytest.raises(PreflightError, match=match):
+        run_preflight(load_run_config(TINY, overrides), "8xH100", lower=False)
+
+
+def test_a_dimension_the_mesh_does_not_divide_is_an_error():
+    cfg = load_run_config(TINY, ["mesh.fsdp=2", "mesh.tensor=3", "mesh.recipe=fsdp_tp"])
+    match = r"q_heads=4 .* not divisible by mesh axis tensor=3; use tensor in \[1, 2, 4\]"
+    with pytest.raises(PreflightError, match=match):
+        run_preflight(cfg, "6xH100", lower=False)
+
+
+def test_q4_0_blocks_straddling_shards_are_a_problem():
+    r = run_preflight(load_run_config(TINY, ["quant.recipe=q4_0"]), "8xH100", lower=False)
+    assert not r.ok and "split Q4_0 blocks" in r.problems[0]  # d_model 64 over fsdp=8: 8 per device
+
+
+def test_a_checkpoint_folder_not_on_this_host_asks_for_the_variant():
+    with pytest.raises(PreflightError, match="model.name=VARIANT"):
+        run_preflight(load_run_config(TINY, ["model.name=/nonexistent/ckpt"]), "8xH100", lower=False)
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_validates_and_names_a_known_topology(path):
+    cfg = load_run_config(path)
+    topo = topologies.parse(topologies.from_config_comment(path.read_text()))
+    variant, fmt = path.stem.rsplit("-", 1)
+    get_config(variant)
+    assert cfg.quant.recipe == ("q4_0" if fmt == "q4_0" else f"mobile-{variant}")
+    assert 2048 <= cfg.data.seq_len <= 4096 and cfg.optimizer.compute_dtype == "bfloat16" and cfg.remat != "none"
+    assert cfg.mesh.recipe == "fsdp_tp_ep" if get_config(variant).is_moe else cfg.mesh.recipe in ("fsdp", "fsdp_tp")
+    cfg.mesh.shape(topo.chips)  # the mesh fills the topology exactly
+    assert cfg.data.global_batch_size % topo.hosts == 0
+
+
+def test_e2b_preset_fits_through_the_cli(capsys):
+    # The topology comes from the preset's comment; model.name=e2b sizes the placeholder checkpoint.
+    rc = cli.main(["--config", str(ROOT / "configs" / "e2b-q4_0.toml"), "model.name=e2b", "--no-lower", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["ok"] and out["topology"]["name"] == "8xH100"
+    rows = {r["what"]: r["bytes"] for r in out["memory_per_device"]}
+    assert 0 < rows["student params"] < rows["optimizer state"] and out["total_bytes"] < out["topology"]["usable_bytes"]
+    assert "Q4_0 blocks of 32 never straddle a shard boundary" in out["checks"]
+    # fsdp_tp splits the PLE table's vocab over tensor=2 (the fsdp recipe alone would replicate it).
+    ple = next(t for t in out["largest_tensors"] if t["path"] == "embedder/per_layer_embeddings")
+    assert ple["local_shape"][0] == 262144 // 2
+
+
+def test_e4b_preset_fits():
+    path = ROOT / "configs" / "e4b-q4_0.toml"
+    r = run_preflight(load_run_config(path, ["model.name=e4b"]),
+                      topologies.from_config_comment(path.read_text()), lower=False)
+    assert r.ok and r.margin > 0 and r.problems == []
+    rows = _rows(r)
+    # AdamW μ, ν in fp32: twice the params, give or take step counts and the frozen skip_scale buffers.
+    assert abs(rows["optimizer state"] - 2 * rows["student params"]) < 1024
+    assert rows["teacher params"] == rows["student params"] // 2  # bf16 teacher, same shardings
