@@ -33,8 +33,7 @@ def register(subparsers) -> None:
     s.add_argument("--json", action="store_true", help="print the results as JSON")
     s.set_defaults(fn=run_eval)
 
-    s = subparsers.add_parser("generate", help="sample text from a checkpoint or export (full recomputation, "
-                              "no KV cache: for spot checks)")
+    s = subparsers.add_parser("generate", help="sample text from a checkpoint or export (KV-cache decoding)")
     s.add_argument("--checkpoint", required=True, help="checkpoint folder or q4_0/mobile export folder")
     s.add_argument("--tokenizer", required=True)
     s.add_argument("--prompt", required=True)

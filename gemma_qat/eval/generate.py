@@ -1,14 +1,12 @@
-"""Text generation by full recomputation (no KV cache) for any JAX candidate (float, PTQ, QAT student
-with its fake-quant policy, Q4_0 / mobile exports).
+"""Text generation with a KV cache for any JAX candidate (float, PTQ, QAT student with its fake-quant
+policy, Q4_0 / mobile exports).
 
-The model (gemma_qat/model) has no decode path, and adding a KV cache means threading cache state
-through attention, KV sharing and sliding windows. Instead the whole loop runs under one jit on a
-fixed buffer of L = prompt + max_new_tokens positions (rounded up to a multiple of 64 so prompts of
-similar length share a compile): every step runs the full forward pass over the buffer and reads the
-logits at the last filled position. The causal mask makes the still-empty tail irrelevant, so this is
-exactly the model's next-token distribution. Cost: max_new_tokens full forwards of L tokens,
-O(N·L) token-passes and O(N·L²) attention versus O(L) and O(L²) with a KV cache — fine for demos and
-spot checks of small models, not a serving path (use the GGUF export in llama.cpp for that).
+The whole loop runs under one jit: the prompt is prefilled through the model's KV cache
+(gemma_qat/model/kv_cache.py) in one forward pass, then each new token is one single-token forward
+that appends to the cache. Shapes are static: the prompt is padded to a multiple of 64 positions and
+the cache holds L = prompt + max_new_tokens rounded up to a multiple of 64, so prompts of similar
+length share a compile. Cost: one prompt-length forward plus one token-pass per new token, attending
+over the L cache slots (the mask hides the empty ones and, on sliding layers, those outside the window).
 
 Sampling: temperature 0 = greedy; otherwise softmax(z / temperature) restricted to the top_k logits
 and then the smallest set whose mass reaches top_p (the most likely token is always kept).
@@ -26,6 +24,7 @@ import numpy as np
 from gemma_qat.data.tokenizer import END_OF_TURN, START_OF_TURN, Tokenizer
 from gemma_qat.distill import logits_from_hidden
 from gemma_qat.eval.candidates import Candidate
+from gemma_qat.model.kv_cache import init_cache
 
 BUCKET = 64
 _NEG = -1e30  # finite "excluded" logit: categorical never picks it and no inf - inf NaNs appear
@@ -53,37 +52,45 @@ def filter_logits(z, *, temperature: float, top_k: int | None, top_p: float | No
 
 
 @functools.lru_cache(maxsize=16)
-def _sampler(model, length: int, temperature: float, top_k: int | None, top_p: float | None):
+def _sampler(model, prefill: int, length: int, temperature: float, top_k: int | None, top_p: float | None):
     softcap = model.config.final_softcap
-    positions = jnp.arange(length, dtype=jnp.int32)[None]
-    segments = jnp.ones((1, length), jnp.int32)
 
     @jax.jit
     def run(variables, buf, start, stop, eos, vocab, key):
-        # buf [1, L] with the prompt in [0, start); fills [start, stop) or until a token of eos [k]
-        # (traced, like start/stop, so prompts and tokenizers share one compile per setting); only
-        # ids < vocab are drawn: Gemma pads its embedding past the tokenizer, and those ids decode to nothing
+        # buf [1, L] with the prompt in [0, start) (start <= prefill); fills [start, stop) or until a
+        # token of eos [k] (traced, like start/stop, so prompts and tokenizers share one compile per
+        # setting); only ids < vocab are drawn: Gemma pads its embedding past the tokenizer, and
+        # those ids decode to nothing
+        def draw(z, key):
+            z = jnp.where(jnp.arange(z.shape[-1]) < vocab, z, _NEG)  # [V] fp32
+            if temperature <= 0:
+                return jnp.argmax(z).astype(jnp.int32)
+            z = filter_logits(z, temperature=temperature, top_k=top_k, top_p=top_p)
+            return jax.random.categorical(key, z).astype(jnp.int32)
+
+        cache = init_cache(model.config, 1, length, model.dtype)
+        (h, table), cache = model.apply(variables, buf[:, :prefill], cache=cache, return_hidden=True)
+        # The padding after the prompt went into slots [start, prefill); rewinding the length makes
+        # decoding overwrite them, and causality kept every prompt token from attending to them.
+        cache = cache.replace(length=start)
+        h_last = jax.lax.dynamic_slice_in_dim(h, start - 1, 1, axis=1)  # [1, 1, D]
+        z = logits_from_hidden(h_last, table, softcap=softcap)[0, 0]  # [V] next-token logits
+
         def cond(state):
-            cur, done, _, _ = state
+            cur, done = state[:2]
             return (cur < stop) & ~done
 
         def body(state):
-            cur, _, buf, key = state
-            h, table = model.apply(variables, buf, positions, segments, return_hidden=True)
-            h_last = jax.lax.dynamic_slice_in_dim(h, cur - 1, 1, axis=1)  # [1, 1, D]
-            z = logits_from_hidden(h_last, table, softcap=softcap)[0, 0]  # [V] fp32
-            z = jnp.where(jnp.arange(z.shape[-1]) < vocab, z, _NEG)
+            cur, _, buf, key, cache, z = state
             key, sub = jax.random.split(key)
-            if temperature <= 0:
-                tok = jnp.argmax(z).astype(jnp.int32)
-            else:
-                z = filter_logits(z, temperature=temperature, top_k=top_k, top_p=top_p)
-                tok = jax.random.categorical(sub, z).astype(jnp.int32)
+            tok = draw(z, sub)
             buf = jax.lax.dynamic_update_slice(buf, tok[None, None], (0, cur))
-            done = jnp.any(tok == eos)
-            return cur + 1, done, buf, key
+            # Append tok at slot cur (its position) and get the logits after it. The last
+            # iteration's forward goes unused: one token-pass, cheaper than a conditional.
+            logits, cache = model.apply(variables, tok[None, None], cache=cache)  # [1, 1, V]
+            return cur + 1, jnp.any(tok == eos), buf, key, cache, logits[0, 0]
 
-        cur, _, buf, _ = jax.lax.while_loop(cond, body, (start, jnp.bool_(False), buf, key))
+        cur, _, buf, *_ = jax.lax.while_loop(cond, body, (start, jnp.bool_(False), buf, key, cache, z))
         return buf, cur
 
     return run
@@ -113,11 +120,12 @@ def generate(candidate: Candidate, prompt_ids: Sequence[int], *, max_new_tokens:
     if stop > cfg.max_position:
         raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"{cfg.max_position} positions")
-    length = min(-(-stop // BUCKET) * BUCKET, cfg.max_position)
+    length = min(-(-stop // BUCKET) * BUCKET, cfg.max_position)  # cache slots
+    prefill = min(-(-len(prompt) // BUCKET) * BUCKET, length)
     buf = np.zeros((1, length), np.int32)
     buf[0, : len(prompt)] = prompt
     greedy = temperature <= 0  # sampling settings are static only where they change the program
-    run = _sampler(candidate.model, length, 0.0 if greedy else float(temperature), None if greedy else top_k or None,
+    run = _sampler(candidate.model, prefill, length, 0.0 if greedy else float(temperature), None if greedy else top_k or None,
                    None if greedy or top_p is None or top_p >= 1.0 else float(top_p))
     eos = jnp.asarray(sorted({int(e) for e in eos_ids}) or [-1], jnp.int32)  # -1: never produced
     out, cur = run(candidate.variables, jnp.asarray(buf), jnp.int32(len(prompt)), jnp.int32(stop), eos,

@@ -1,5 +1,6 @@
 """Gemma 4 attention: QK-norm with learned scale, scale-free V-norm, no 1/√H scaling, GQA, sliding or
-global layers (global: head dim 512, proportional RoPE, optional K=V), and KV sharing."""
+global layers (global: head dim 512, proportional RoPE, optional K=V), KV sharing, and an optional
+KV cache for incremental decoding."""
 
 from __future__ import annotations
 
@@ -26,9 +27,31 @@ def attention_mask(segment_ids: Array, window: int | None) -> Array:
     return mask[None] & same
 
 
+def cache_attention_mask(segment_ids: Array, cached_segment_ids: Array, start: Array, window: int | None) -> Array:
+    """The cached counterpart of `attention_mask`: queries [B, T] sit at absolute indices start..start+T-1
+    of the sequence, keys are the cache's S slots, slot j holding the sequence's token j (segment ids
+    `cached_segment_ids` [B, S], already updated with this call's tokens) → [B, T, S] bool mask. Same
+    rules by absolute index, so feeding a sequence in chunks gives the mask rows of feeding it whole;
+    causality also hides the not-yet-written slots ≥ start+T."""
+    t, s = segment_ids.shape[1], cached_segment_ids.shape[1]
+    q_idx = start + jnp.arange(t)[:, None]
+    k_idx = jnp.arange(s)[None, :]
+    mask = k_idx <= q_idx
+    if window is not None:
+        mask &= k_idx > q_idx - window
+    same = segment_ids[:, :, None] == cached_segment_ids[:, None, :]
+    return mask[None] & same
+
+
 class Attention(nn.Module):
     """One attention layer. Non-shared layers compute and return their post-norm, post-RoPE K and V
-    (so later KV-shared layers can reuse them); shared layers get `shared_kv` and own no K/V params."""
+    (so later KV-shared layers can reuse them); shared layers get `shared_kv` and own no K/V params.
+
+    Decoding with a KV cache passes `cache_index` (the slot of this call's first token) and, to a
+    non-shared layer, `cache` = its (key, value) buffers [B, S, K, H]: this call's K/V are written at
+    slots cache_index.., attention runs over the whole updated buffers (the mask hides the slots not
+    to attend), and the updated buffers are returned in place of this call's K/V, so KV-shared layers
+    (whose `shared_kv` are then the source's buffers) and the next step see them."""
 
     d_model: int
     num_heads: int
@@ -45,8 +68,9 @@ class Attention(nn.Module):
     param_dtype: DType = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array, shared_kv: tuple[Array, Array] | None = None):
-        # x [B, T, D], positions [B, T], mask [B, T, S]
+    def __call__(self, x: Array, positions: Array, mask: Array, shared_kv: tuple[Array, Array] | None = None,
+                 cache: tuple[Array, Array] | None = None, cache_index: Array | None = None):
+        # x [B, T, D], positions [B, T], mask [B, T, S] (S = T, or the cache length)
         d, n, k, h = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim
         kw = dict(quant=self.quant, dtype=self.dtype, param_dtype=self.param_dtype)
         norm_kw = dict(eps=self.eps, param_dtype=self.param_dtype, axis_name="head_dim")
@@ -58,7 +82,7 @@ class Attention(nn.Module):
         if self.kv_shared:
             if shared_kv is None:
                 raise ValueError("a KV-shared attention layer needs the K/V of its source layer")
-            key, value = shared_kv
+            key, value = new_kv = shared_kv  # with a cache: the source's updated buffers
         else:
             if self.k_eq_v:
                 raw_k = Einsum((k, d, h), ("kv_heads", "embed", "head_dim"), (1,), name="k_einsum", **kw)(
@@ -70,6 +94,15 @@ class Attention(nn.Module):
                 raw_k, raw_v = kv[0], kv[1]
             key = apply_rope(RMSNorm(name="key_norm", **norm_kw)(raw_k), positions, inv_freq)
             value = RMSNorm(with_scale=False, eps=self.eps)(raw_v)
+            new_kv = (key, value)
+            if cache is not None:
+                # Cache the post-norm, post-RoPE K and V (both, also for K=V layers, where they
+                # differ by key_norm and RoPE): decoding then only projects the new tokens.
+                at = (0, cache_index, 0, 0)
+                new_kv = (jax.lax.dynamic_update_slice(cache[0], key.astype(cache[0].dtype), at),  # [B, S, K, H]
+                          jax.lax.dynamic_update_slice(cache[1], value.astype(cache[1].dtype), at))
+        if cache_index is not None:  # attend over the whole buffers, in the compute dtype
+            key, value = (a.astype(self.dtype) for a in new_kv)
 
         q = nn.with_logical_constraint(q, ("act_batch", "act_seq", "act_heads", None))
         b, t = q.shape[:2]
@@ -81,4 +114,4 @@ class Attention(nn.Module):
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, n, h)
         out = nn.with_logical_constraint(out, ("act_batch", "act_seq", "act_heads", None))
         o = Einsum((n, h, d), ("q_heads", "head_dim", "embed"), (0, 1), name="attn_vec_einsum", **kw)
-        return o("BTNH,NHD->BTD", out), (key, value)
+        return o("BTNH,NHD->BTD", out), new_kv

@@ -1,4 +1,5 @@
-"""The Gemma 4 text decoder: blocks (dense, MoE, PLE), KV sharing, masks, tied head and softcap.
+"""The Gemma 4 text decoder: blocks (dense, MoE, PLE), KV sharing, masks, tied head and softcap, and
+incremental decoding through a KV cache (kv_cache.py).
 
 Parameter names follow the official Flax layout (google-deepmind/gemma, reference §2.1), e.g.
 `layer_3/attn/q_einsum/w`, so official checkpoints map onto this tree one to one.
@@ -10,9 +11,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gemma_qat.model.attention import Attention, attention_mask
+from gemma_qat.model.attention import Attention, attention_mask, cache_attention_mask
 from gemma_qat.model.config import ModelConfig
 from gemma_qat.model.embed import Embedder
+from gemma_qat.model.kv_cache import KVCache, init_cache  # noqa: F401 (re-exported)
 from gemma_qat.model.layers import Array, DType, Einsum, FeedForward, NoQuant, QuantPolicy, RMSNorm, gelu_tanh
 from gemma_qat.model.moe import MoE
 
@@ -31,8 +33,10 @@ class Block(nn.Module):
     param_dtype: DType = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array, ple: Array | None, shared_kv):
-        # x [B, T, D]; ple [B, T, P] or None; returns (x, (key, value)) of this layer's attention.
+    def __call__(self, x: Array, positions: Array, mask: Array, ple: Array | None, shared_kv,
+                 cache: tuple[Array, Array] | None = None, cache_index: Array | None = None):
+        # x [B, T, D]; ple [B, T, P] or None; returns (x, (key, value)) of this layer's attention
+        # (with a cache: its updated buffers; see Attention).
         cfg, i = self.config, self.layer
         kw = dict(quant=self.quant, dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: RMSNorm(eps=cfg.norm_eps, axis_name="norm", param_dtype=self.param_dtype, name=name)
@@ -44,7 +48,7 @@ class Block(nn.Module):
             rope_proportion=cfg.global_rope_proportion if glob else 1.0,
             window=None if glob else cfg.sliding_window, k_eq_v=cfg.layer_k_eq_v(i),
             kv_shared=cfg.is_kv_shared(i), eps=cfg.norm_eps, name="attn", **kw)
-        a, kv = attn(norm("pre_attention_norm")(x), positions, mask, shared_kv)
+        a, kv = attn(norm("pre_attention_norm")(x), positions, mask, shared_kv, cache, cache_index)
         x = x + norm("post_attention_norm")(a)
 
         if cfg.is_moe:
@@ -71,7 +75,13 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """tokens [B, T] → fp32 logits [B, T, V] (or the final hidden states and the head's table, for
-    losses that form logits chunk by chunk)."""
+    losses that form logits chunk by chunk).
+
+    With `cache` (a KVCache from `init_cache`) the tokens continue the cached sequence: they take slots
+    cache.length.. (default positions continue from there too), attend to the cache and themselves
+    under the same causal / sliding-window / segment rules by absolute index, and the call returns
+    (output, updated cache). Prefill the prompt in one call, then feed one token per step; any
+    chunking gives the full forward's logits for those tokens."""
 
     config: ModelConfig
     quant: QuantPolicy = NoQuant()
@@ -81,13 +91,15 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
-                 *, return_hidden: bool = False):
+                 *, cache: KVCache | None = None, return_hidden: bool = False):
         cfg = self.config
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            if cache is not None:
+                positions = positions + cache.length  # [B, T] continue the cached sequence
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         kw = dict(quant=self.quant, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -97,8 +109,16 @@ class Transformer(nn.Module):
         x = embedder.encode(tokens)
         ple = embedder.per_layer_inputs(tokens, x) if cfg.ple_dim else None
         x = nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
-        masks = {"global": attention_mask(segment_ids, None),
-                 "sliding": attention_mask(segment_ids, cfg.sliding_window)}
+        if cache is None:
+            masks = {"global": attention_mask(segment_ids, None),
+                     "sliding": attention_mask(segment_ids, cfg.sliding_window)}
+        else:
+            start = cache.length
+            cached_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
+                                                           (0, start))  # [B, S]
+            masks = {"global": cache_attention_mask(segment_ids, cached_segments, start, None),
+                     "sliding": cache_attention_mask(segment_ids, cached_segments, start, cfg.sliding_window)}
+            new_layers = {}
 
         policy = REMAT_POLICIES[self.remat]
         block_cls = Block if self.remat == "none" else nn.remat(Block, policy=policy)
@@ -106,13 +126,21 @@ class Transformer(nn.Module):
         kv_store = {}
         for i in range(cfg.num_layers):
             shared = kv_store[cfg.kv_source[i]] if cfg.is_kv_shared(i) else None
+            # Without a cache the block is called exactly as before; with one it also gets this
+            # layer's buffers (none for KV-shared layers: `shared` are then the source's buffers).
+            cache_args = () if cache is None else (cache.layers.get(f"layer_{i}"), start)
             x, kv = block_cls(cfg, i, name=f"layer_{i}", **kw)(
-                x, positions, masks[cfg.layer_types[i]], None if ple is None else ple[:, :, i], shared)
+                x, positions, masks[cfg.layer_types[i]], None if ple is None else ple[:, :, i], shared, *cache_args)
             if i in sources:
                 kv_store[i] = kv
+            if cache is not None and not cfg.is_kv_shared(i):
+                new_layers[f"layer_{i}"] = kv
 
         h = RMSNorm(eps=cfg.norm_eps, param_dtype=self.param_dtype, name="final_norm")(x)
         table = embedder.decode_table()  # [V, D]
+        if cache is not None:
+            out = (h, table) if return_hidden else logits_from_hidden(h, table, cfg.final_softcap)
+            return out, KVCache(length=start + t, segment_ids=cached_segments, layers=new_layers)
         if return_hidden:
             return h, table
         return logits_from_hidden(h, table, cfg.final_softcap)
