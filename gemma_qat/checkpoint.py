@@ -26,25 +26,47 @@ PARAMS_DIR = "params"
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yields a temporary sibling folder; on success it replaces `out_dir`. An existing `out_dir`
-    is kept unless `force`, and even then is only removed after the new one is complete."""
+    is kept unless `force`, and even then is only removed after the new one is complete.
+
+    In a multi-process run every host yields the SAME folder (Orbax writes each host's shards under
+    one path and waits for the primary to create it) and only process 0 creates, swaps and deletes,
+    with barriers between, so no host renames a folder another is still writing."""
     out = Path(out_dir).absolute()
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    multi = jax.process_count() > 1
+    primary = jax.process_index() == 0
+    # A per-call random name would differ between hosts; one fixed name is safe because the
+    # barriers keep hosts in step and a stale copy from a crashed run is cleared first.
+    tmp = out.parent / (f".{out.name}.tmp-multihost" if multi else f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if primary:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if multi:
+            shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier(multi, f"gemma_qat.atomic_dir.start:{out}")
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    _barrier(multi, f"gemma_qat.atomic_dir.written:{out}")
+    if primary:
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(multi, f"gemma_qat.atomic_dir.done:{out}")  # nobody reads `out` before it exists
+
+
+def _barrier(multi: bool, name: str) -> None:
+    if multi:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def save_model(out_dir, params: dict, config: ModelConfig, *, meta: dict | None = None, force: bool = False) -> Path:
@@ -54,8 +76,9 @@ def save_model(out_dir, params: dict, config: ModelConfig, *, meta: dict | None 
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(tmp / PARAMS_DIR, params)
         ckptr.wait_until_finished()
-        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
-        (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=str))
+        if jax.process_index() == 0:  # one writer for the small files (shared folder when multi-host)
+            (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+            (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=str))
     return Path(out_dir)
 
 
@@ -68,6 +91,17 @@ def load_config(ckpt_dir) -> ModelConfig:
         return ModelConfig.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError) as e:
         raise ValueError(f"{path} is corrupt: {e}") from None
+
+
+def _restore_args(target):
+    # Without target shardings Orbax reuses the saved ones; a model saved by a multi-host run (its
+    # shardings span processes that do not exist here, e.g. in a 1-process export or eval) would be
+    # a "topology mismatch", so it falls back to whole arrays on this process's first device.
+    try:
+        return ocp.args.StandardRestore(target, fallback_sharding=jax.sharding.SingleDeviceSharding(
+            jax.local_devices()[0]))
+    except TypeError:  # an Orbax without fallback_sharding: saved shardings only
+        return ocp.args.StandardRestore(target)
 
 
 def load_model(ckpt_dir, *, dtype=None, shardings=None) -> tuple[ModelConfig, dict]:
@@ -83,7 +117,7 @@ def load_model(ckpt_dir, *, dtype=None, shardings=None) -> tuple[ModelConfig, di
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is missing; the checkpoint at {ckpt_dir} is incomplete")
     try:
-        params = ocp.StandardCheckpointer().restore(path, target)
+        params = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(path, args=_restore_args(target))
     except Exception as e:  # Orbax raises many types; name the folder and the likely fix once.
         raise ValueError(f"could not restore parameters from {path} ({type(e).__name__}: {e}); "
                          "the checkpoint is corrupt or was written for another model config") from e

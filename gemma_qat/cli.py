@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 
-PIPELINE_COMMANDS = ("pipelines.train", "pipelines.export", "pipelines.evaluate", "pipelines.preflight")  # each module: register(subparsers)
+PIPELINE_COMMANDS = ("pipelines.train", "pipelines.export", "pipelines.evaluate", "pipelines.preflight",
+                     "pipelines.teacher_cache")  # each module: register(subparsers)
 
 
 def _cmd_info(args) -> int:

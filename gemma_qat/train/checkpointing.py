@@ -46,6 +46,9 @@ def _check_same_run(saved: dict, current: dict, where: Path) -> None:
              for a, b in _STRUCTURAL if saved.get(a, {}).get(b) != current[a][b]]
     if (saved.get("optimizer", {}).get("grad_clip", 0) > 0) != (current["optimizer"]["grad_clip"] > 0):
         diffs.append("optimizer.grad_clip switched on/off")
+    # The data iterator of a cached run (teacher.cache) and of a pipeline run have different states.
+    if bool(saved.get("teacher", {}).get("cache")) != bool(current["teacher"].get("cache")):
+        diffs.append("teacher.cache switched on/off")
     if diffs:
         raise ValueError(f"{where} was written by a different run ({'; '.join(diffs)}); give this run its own "
                          "run_dir or checkpoint.dir")

@@ -1,7 +1,8 @@
 """The run config of a QAT distillation run: one frozen dataclass per section, TOML on disk.
 
     [model]       student: variant name (`tiny-e2b`) or a gemma-qat model checkpoint folder
-    [teacher]     `same` (= the student's initial weights) or a model checkpoint folder
+    [teacher]     `same` (= the student's initial weights) or a model checkpoint folder, or a
+                  top-k cache folder (`cache`, offline distillation)
     [data]        spec, tokenizer, seq_len, global_batch_size, seed
     [optimizer]   AdamW + warmup/cosine, clipping, accumulation, dtypes
     [distill]     temperature / alpha and their schedules, loss chunk size
@@ -45,6 +46,10 @@ class ModelSection:
 class TeacherSection:
     checkpoint: str = "same"  # "same" or a model checkpoint folder (any architecture, same vocab)
     param_dtype: str = "bfloat16"  # storage dtype of the frozen teacher weights
+    # A folder from `gemma-qat cache-teacher`: offline distillation. Batches (and the teacher's top-k
+    # log-probs) come from it, the loss is distill.topk_distill_loss, and no teacher is loaded, so
+    # `checkpoint`, `param_dtype` and [data] spec/tokenizer are not used. "" = online teacher.
+    cache: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,8 +178,17 @@ def _problems(c: RunConfig) -> list[str]:
     for key, val in [("distill.alpha", s.alpha), ("distill.alpha_end", s.alpha_end)]:
         if val is not None and not 0.0 <= val <= 1.0:
             p.append(f"{key}={val} must be in [0, 1]")
-    if d.spec != PYTHON_CORPUS and not d.tokenizer:
+    if d.spec != PYTHON_CORPUS and not d.tokenizer and not c.teacher.cache:
         p.append(f"data.tokenizer is required unless data.spec = {PYTHON_CORPUS!r}")
+    if c.teacher.cache:
+        # The cache holds log_softmax(teacher / T) at ONE temperature (a top-k cannot be re-tempered),
+        # and topk_distill_loss is KL only.
+        if s.schedule != "constant":
+            p.append(f"teacher.cache needs distill.schedule = 'constant' (got {s.schedule!r}): the cached "
+                     "top-k log-probs are at one temperature")
+        if s.alpha != 0:
+            p.append(f"teacher.cache needs distill.alpha = 0 (got {s.alpha}): the cached-teacher loss "
+                     "(top-k KL) has no CE term")
     return p
 
 

@@ -6,6 +6,9 @@ cleanly on SIGTERM.
     data iterator (grain, checkpointable) ─────────────────────────────┤
                                                                         ▼
     restore newest readable checkpoint ─► loop { step ─► metrics (one step late) ─► save? ─► stop? }
+
+With `teacher.cache` set there is no teacher: the iterator reads packed rows plus the teacher's
+top-k log-probs from the cache (train/teacher_cache.py) and the step minimises the top-k KL.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from gemma_qat.model.layers import QuantPolicy
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant.policy import RecipePolicy, check_q4_0_blocks
 from gemma_qat.train import inputs, metrics as metrics_lib, optimizer as optim, state as state_lib, step as step_lib
+from gemma_qat.train import teacher_cache
 from gemma_qat.train.checkpointing import RunCheckpointer
 from gemma_qat.train.config import DistillSection, RunConfig
 from gemma_qat.train.policy import resolve_policy
@@ -99,9 +103,19 @@ def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) 
     teacher_dtype = _DTYPES[cfg.teacher.param_dtype]
 
     s_cfg = state_lib.student_config(cfg.model.name)
-    if cfg.teacher.checkpoint != "same":  # before any heavy work: a wrong teacher fails fast
-        state_lib.check_teacher(checkpoint.load_config(cfg.teacher.checkpoint), s_cfg, cfg.teacher.checkpoint)
-    spec, tokenizer = inputs.resolve(cfg, s_cfg.vocab_size)
+    cache = None
+    if cfg.teacher.cache:  # offline distillation: data and teacher top-k from the cache, no teacher
+        cache = teacher_cache.TeacherCache(cfg.teacher.cache)
+        cache.check(seq_len=cfg.data.seq_len, temperature=cfg.distill.temperature, vocab_size=s_cfg.vocab_size,
+                    global_batch_size=cfg.data.global_batch_size)
+        tokenizer_name = cache.meta["tokenizer"]
+        print_fn(f"offline distillation from {cache.directory} ({cache.num_rows} rows, top-{cache.meta['k']} "
+                 f"of {cache.meta['teacher']})")
+    else:
+        if cfg.teacher.checkpoint != "same":  # before any heavy work: a wrong teacher fails fast
+            state_lib.check_teacher(checkpoint.load_config(cfg.teacher.checkpoint), s_cfg, cfg.teacher.checkpoint)
+        spec, tokenizer = inputs.resolve(cfg, s_cfg.vocab_size)
+        tokenizer_name = tokenizer.name
     policy = quant_policy if quant_policy is not None else resolve_policy(cfg.quant.recipe, s_cfg)
     if jax.process_index() == 0:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -111,8 +125,8 @@ def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) 
     # rules would try to constrain arrays that have no sharding yet; out_shardings place everything.
     params = state_lib.init_student_params(cfg.model.name, s_cfg, mesh, recipe, seed=cfg.model.init_seed,
                                            param_dtype=param_dtype)
-    t_cfg, t_params = state_lib.load_teacher(cfg.teacher.checkpoint, s_cfg, params, mesh, recipe,
-                                             dtype=teacher_dtype)
+    t_cfg, t_params = (None, {}) if cache else state_lib.load_teacher(cfg.teacher.checkpoint, s_cfg, params,
+                                                                      mesh, recipe, dtype=teacher_dtype)
     if cfg.model.init_noise > 0:  # after the teacher copy: "same" means the clean initial weights
         params = state_lib.perturb_params(params, seed=cfg.model.init_seed, noise=cfg.model.init_noise)
     state, state_sh = state_lib.create_train_state(params, tx, mesh, seed=cfg.model.init_seed)
@@ -122,7 +136,11 @@ def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) 
     t_sh = jax.tree.map(lambda a: a.sharding, t_params)
     batch_sh = sharding.batch_sharding(mesh, recipe)
 
-    iterator = inputs.make_iterator(cfg, spec, tokenizer, s_cfg.vocab_size)
+    if cache:
+        iterator = cache.make_iterator(cfg.data.global_batch_size, shard_index=jax.process_index(),
+                                       shard_count=jax.process_count(), num_threads=cfg.data.num_threads)
+    else:
+        iterator = inputs.make_iterator(cfg, spec, tokenizer, s_cfg.vocab_size)
     ckpt = RunCheckpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every,
                            async_save=cfg.checkpoint.async_save)
     restored = ckpt.restore(state_lib.abstract_state(state_sh, state), iterator, cfg.to_dict())
@@ -134,23 +152,26 @@ def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) 
 
     def build_step():
         student = Transformer(s_cfg, quant=policy, dtype=compute, param_dtype=param_dtype, remat=cfg.remat)
+        common = dict(grad_accum_steps=o.grad_accum_steps, chunk_size=cfg.distill.chunk_size)
+        schedule, lr_fn = distill_schedule(cfg.distill, o.total_steps), optim.lr_schedule(o)
+        if cache:
+            step_fn = step_lib.make_cached_step_fn(student, tx, schedule, lr_fn, **common)
+            return step_lib.jit_step(step_fn, state_sh, t_sh, batch_sh, mesh, keys=step_lib.CACHED_BATCH_KEYS)
         teacher = Transformer(t_cfg, dtype=compute, param_dtype=teacher_dtype)
-        step_fn = step_lib.make_step_fn(student, teacher, tx, distill_schedule(cfg.distill, o.total_steps),
-                                        optim.lr_schedule(o), grad_accum_steps=o.grad_accum_steps,
-                                        chunk_size=cfg.distill.chunk_size)
+        step_fn = step_lib.make_step_fn(student, teacher, tx, schedule, lr_fn, **common)
         return step_lib.jit_step(step_fn, state_sh, t_sh, batch_sh, mesh)
 
     # Everything the compiled step depends on; the shardings follow from configs, mesh and recipe.
     key = (s_cfg, t_cfg, policy, o, cfg.distill, cfg.remat, cfg.teacher.param_dtype, mesh, recipe,
-           cfg.data.global_batch_size, cfg.data.seq_len)
+           cfg.data.global_batch_size, cfg.data.seq_len, cache is not None)
     logger = metrics_lib.MetricsLogger(
         run_dir, total_steps=o.total_steps, tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len,
-        flops_per_token=metrics_lib.flops_per_token(s_cfg, t_cfg, cfg.data.seq_len),
+        flops_per_token=metrics_lib.flops_per_token(s_cfg, t_cfg, cfg.data.seq_len),  # t_cfg None: cached
         peak_flops=cfg.logging.peak_flops_per_device * mesh.size, tensorboard=cfg.logging.tensorboard,
         is_writer=jax.process_index() == 0, resumed_from=resumed_from or 0, print_fn=print_fn)
     return _Run(state=state, teacher_params=t_params, jstep=step_lib.cached(key, build_step),
                 batch_sharding=batch_sh, iterator=iterator, ckpt=ckpt, logger=logger, mesh=mesh,
-                resumed_from=resumed_from, model_config=s_cfg, policy=policy, tokenizer=tokenizer.name)
+                resumed_from=resumed_from, model_config=s_cfg, policy=policy, tokenizer=tokenizer_name)
 
 
 def train(cfg: RunConfig, *, quant_policy: QuantPolicy | None = None,

@@ -33,9 +33,11 @@ def attention_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return total
 
 
-def flops_per_token(student: ModelConfig, teacher: ModelConfig, seq_len: int) -> float:
+def flops_per_token(student: ModelConfig, teacher: ModelConfig | None, seq_len: int) -> float:
     """Student forward + backward (3× forward) and teacher forward only:
-    6·N_student + 2·N_teacher + 3·attn_student + attn_teacher."""
+    6·N_student + 2·N_teacher + 3·attn_student + attn_teacher. teacher None: offline (cached) run."""
+    if teacher is None:
+        return 6 * matmul_params(student) + 3 * attention_flops_per_token(student, seq_len)
     return (6 * matmul_params(student) + 2 * matmul_params(teacher)
             + 3 * attention_flops_per_token(student, seq_len) + attention_flops_per_token(teacher, seq_len))
 

@@ -1,5 +1,6 @@
 """One jitted distillation step: frozen teacher forward, quantized student forward and backward,
-chunked KL(+CE) loss, optax update. Pure: (state, teacher params, batch) → (state, metrics)."""
+chunked KL(+CE) loss, optax update. Pure: (state, teacher params, batch) → (state, metrics).
+`make_cached_step_fn` is the offline variant: the teacher's top-k comes with the batch."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gemma_qat.distill import DistillSchedule, chunked_distill_loss
+from gemma_qat.distill import DistillSchedule, chunked_distill_loss, topk_distill_loss
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.train.optimizer import trainable_grad_norm
 from gemma_qat.train.state import TrainState
 
 Batch = dict[str, jax.Array]  # tokens, targets, loss_mask, segment_ids, positions: each [B, T] int32
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+# Offline distillation adds the teacher's top-k: log-probs [B, T, k] float, ids [B, T, k] int32.
+CACHED_BATCH_KEYS = BATCH_KEYS + ("topk_logprobs", "topk_ids")
 
 
 def _hidden(model: Transformer, params, batch: Batch, **kw):
@@ -25,24 +28,15 @@ def _hidden(model: Transformer, params, batch: Batch, **kw):
                        return_hidden=True, **kw)
 
 
-def make_step_fn(student: Transformer, teacher: Transformer, tx: optax.GradientTransformation,
-                 schedule: DistillSchedule, lr_fn: Callable, *, grad_accum_steps: int, chunk_size: int):
-    """The un-jitted step (tests call it eagerly; `jit_step` compiles it with shardings)."""
-    softcap = student.config.final_softcap
+def _make(loss_of: Callable, tx: optax.GradientTransformation, schedule: DistillSchedule, lr_fn: Callable,
+          grad_accum_steps: int):
+    """The step around `loss_of(teacher_params, batch, temperature, alpha, quant_rng)`, which does
+    any teacher work (outside the gradient) and returns `loss_fn(params) -> (loss, aux)`."""
 
     def step_fn(state: TrainState, teacher_params, batch: Batch):
         rng, step_rng = jax.random.split(state.rng)
         temperature, alpha = schedule(state.step)
-        # The teacher never gets a gradient; stop_gradient also lets XLA drop its backward entirely.
-        t_h, t_table = jax.lax.stop_gradient(_hidden(teacher, teacher_params, batch))
-
-        def loss_fn(params):
-            # 'quant' rng: for stochastic policies (e.g. stochastic rounding); NoQuant ignores it.
-            s_h, s_table = _hidden(student, params, batch, rngs={"quant": step_rng})
-            return chunked_distill_loss(s_h, t_h, s_table, t_table, softcap=softcap, temperature=temperature,
-                                        alpha=alpha, labels=batch["targets"], mask=batch["loss_mask"],
-                                        chunk_size=chunk_size)
-
+        loss_fn = loss_of(teacher_params, batch, temperature, alpha, step_rng)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -59,11 +53,51 @@ def make_step_fn(student: Transformer, teacher: Transformer, tx: optax.GradientT
     return step_fn
 
 
-def jit_step(step_fn, state_sh: TrainState, teacher_sh, batch_sh: NamedSharding, mesh: Mesh):
+def make_step_fn(student: Transformer, teacher: Transformer, tx: optax.GradientTransformation,
+                 schedule: DistillSchedule, lr_fn: Callable, *, grad_accum_steps: int, chunk_size: int):
+    """The un-jitted step (tests call it eagerly; `jit_step` compiles it with shardings)."""
+    softcap = student.config.final_softcap
+
+    def loss_of(teacher_params, batch, temperature, alpha, step_rng):
+        # The teacher never gets a gradient; stop_gradient also lets XLA drop its backward entirely.
+        t_h, t_table = jax.lax.stop_gradient(_hidden(teacher, teacher_params, batch))
+
+        def loss_fn(params):
+            # 'quant' rng: for stochastic policies (e.g. stochastic rounding); NoQuant ignores it.
+            s_h, s_table = _hidden(student, params, batch, rngs={"quant": step_rng})
+            return chunked_distill_loss(s_h, t_h, s_table, t_table, softcap=softcap, temperature=temperature,
+                                        alpha=alpha, labels=batch["targets"], mask=batch["loss_mask"],
+                                        chunk_size=chunk_size)
+        return loss_fn
+
+    return _make(loss_of, tx, schedule, lr_fn, grad_accum_steps)
+
+
+def make_cached_step_fn(student: Transformer, tx: optax.GradientTransformation, schedule: DistillSchedule,
+                        lr_fn: Callable, *, grad_accum_steps: int, chunk_size: int):
+    """Offline distillation (`teacher.cache`): the batch carries the teacher's top-k log-probs, so
+    there is no teacher forward; the loss is topk_distill_loss (KL over the top-k plus the rest
+    bucket). `teacher_params` is unused ({}), kept so both steps share one signature."""
+    softcap = student.config.final_softcap
+
+    def loss_of(teacher_params, batch, temperature, alpha, step_rng):
+        del teacher_params, alpha  # alpha is 0 by config validation: this loss has no CE term
+
+        def loss_fn(params):
+            s_h, s_table = _hidden(student, params, batch, rngs={"quant": step_rng})
+            return topk_distill_loss(s_h, s_table, batch["topk_logprobs"], batch["topk_ids"], softcap=softcap,
+                                     temperature=temperature, mask=batch["loss_mask"], chunk_size=chunk_size)
+        return loss_fn
+
+    return _make(loss_of, tx, schedule, lr_fn, grad_accum_steps)
+
+
+def jit_step(step_fn, state_sh: TrainState, teacher_sh, batch_sh: NamedSharding, mesh: Mesh,
+             keys: tuple[str, ...] = BATCH_KEYS):
     """Shardings pin where everything lives, so XLA never guesses a layout and nothing is resharded
     between steps; the state is donated so old and new weights never coexist in memory. Metrics are
     replicated scalars. Call (and trace) it inside `sharding.activate(mesh, recipe)`."""
-    batch_shardings = {k: batch_sh for k in BATCH_KEYS}
+    batch_shardings = {k: batch_sh for k in keys}  # [B, T] and [B, T, k] alike: batch over its axes
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(step_fn, in_shardings=(state_sh, teacher_sh, batch_shardings),
                    out_shardings=(state_sh, replicated), donate_argnums=(0,))
@@ -90,5 +124,6 @@ def cached(key, build: Callable[[], Callable]) -> Callable:
 
 def global_batch(host_batch: dict, batch_sh: NamedSharding) -> Batch:
     """This host's numpy rows → global jax.Arrays laid out over the batch axes (works unchanged from
-    one process to many: each host contributes its own rows)."""
-    return {k: jax.make_array_from_process_local_data(batch_sh, host_batch[k]) for k in BATCH_KEYS}
+    one process to many: each host contributes its own rows). Every key is converted: BATCH_KEYS
+    from the data pipeline, CACHED_BATCH_KEYS from a teacher cache."""
+    return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in host_batch.items()}
