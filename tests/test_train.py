@@ -154,3 +154,26 @@ def test_q4_0_qat_run_writes_an_exportable_student(tmp_path):
     assert kl(teacher) > 0  # Q4_0 changes the model
     # 16 small steps: a modest but deterministic drop (about 7% on this set-up).
     assert kl(params) < 0.97 * kl(teacher), (kl(teacher), kl(params))
+
+
+def test_mobile_run_calibrates_and_carries_static_activation_scales(tmp_path):
+    """The mobile recipe's int8 activation scales are calibrated on the initial student, frozen for
+    the run (kept in the run dir for resume) and shipped with the final model for export."""
+    from gemma_qat.export.common import load_student
+    from gemma_qat.model.transformer import Transformer
+    from gemma_qat.quant.policy import RecipePolicy
+
+    cfg = base_config(tmp_path, "quant.recipe=mobile", "optimizer.total_steps=3", "optimizer.lr=1e-4",
+                      "checkpoint.every_steps=100")
+    train(cfg, devices=ONE_DEVICE, print_fn=lambda s: None)
+    assert (tmp_path / "quant_scales.json").is_file()
+    config, params, resolution, scales = load_student(tmp_path / "model")
+    leaves = jax.tree.leaves(scales)
+    assert leaves and all(float(s) > 0 for s in leaves)
+    tokens = jnp.arange(24)[None] % config.vocab_size
+    with_scales = Transformer(config, quant=RecipePolicy(resolution, static_scales=scales))
+    weights_only = Transformer(config, quant=RecipePolicy(resolution))
+    a = with_scales.apply({"params": params}, tokens)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(weights_only.apply(
+        {"params": params, "quant_scales": scales}, tokens)))  # policy-carried == collection-carried
+    assert float(jnp.abs(a - weights_only.apply({"params": params}, tokens)).max()) > 0

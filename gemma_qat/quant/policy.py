@@ -37,7 +37,8 @@ class RecipePolicy:
     `backend="aqt"` computes the weight fake-quant through AQT (aqt_backend.py), which reproduces
     formats.py bit for bit; the default calls formats.py directly (fewer layers, same numbers)."""
 
-    def __init__(self, resolution: Resolution, *, calibrating: bool = False, backend: str = "formats"):
+    def __init__(self, resolution: Resolution, *, calibrating: bool = False, backend: str = "formats",
+                 static_scales: dict | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown quantization backend {backend!r}; choose one of {BACKENDS}")
         self.resolution = resolution
@@ -45,6 +46,12 @@ class RecipePolicy:
         self.act_int8 = resolution.recipe.activations == "int8_static"
         self.calibrating = calibrating
         self.backend = backend
+        # Frozen activation scales (a `quant_scales` tree from `calibrate`) carried by the policy
+        # itself, so a training step uses them without threading a second collection through it.
+        self.static_scales = static_scales
+        self._static = ({"/".join(k[:-1]) + ":" + k[-1]: float(v)
+                         for k, v in traverse_util.flatten_dict(static_scales).items()}
+                        if static_scales is not None else None)
 
     def _format(self, module, name) -> str:
         path = param_path(module, name)
@@ -71,6 +78,9 @@ class RecipePolicy:
         if not self.act_int8 or self._format(module, name) == FLOAT:
             return x
         key = f"{name}_{site}"
+        if self._static is not None:
+            s = self._static.get("/".join(module.scope.path) + ":" + key, 0.0)
+            return formats.act_fake_quant_int8(x, jnp.float32(s)).astype(x.dtype)
         if not (module.has_variable(SCALES, key) or module.is_mutable_collection(SCALES)):
             return x  # no scales given: uncalibrated, pass-through
         scale = module.variable(SCALES, key, lambda: jnp.zeros((), jnp.float32))

@@ -27,7 +27,9 @@ from jax.experimental import multihost_utils
 from gemma_qat import checkpoint, distill, sharding
 from gemma_qat.model.layers import QuantPolicy
 from gemma_qat.model.transformer import Transformer
-from gemma_qat.quant.policy import RecipePolicy, check_q4_0_blocks
+from gemma_qat.data import make_eval_batches
+from gemma_qat.export.common import SCALES_JSON, load_quant_scales, save_quant_scales
+from gemma_qat.quant.policy import RecipePolicy, calibrate, check_q4_0_blocks
 from gemma_qat.train import inputs, metrics as metrics_lib, optimizer as optim, state as state_lib, step as step_lib
 from gemma_qat.train import teacher_cache
 from gemma_qat.train.checkpointing import RunCheckpointer
@@ -132,6 +134,8 @@ def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) 
     state, state_sh = state_lib.create_train_state(params, tx, mesh, seed=cfg.model.init_seed)
     if isinstance(policy, RecipePolicy):  # a Q4_0 block split across devices would not be Q4_0
         check_q4_0_blocks(policy.resolution, s_cfg, state_sh.params)
+        if policy.act_int8 and policy.static_scales is None:
+            policy = _with_static_scales(cfg, policy, s_cfg, params, None if cache else (spec, tokenizer), print_fn)
     del params  # the state holds its own copy
     t_sh = jax.tree.map(lambda a: a.sharding, t_params)
     batch_sh = sharding.batch_sharding(mesh, recipe)
@@ -231,6 +235,27 @@ def train(cfg: RunConfig, *, quant_policy: QuantPolicy | None = None,
 FINAL_MODEL_DIR = "model"
 
 
+def _with_static_scales(cfg: RunConfig, policy: RecipePolicy, s_cfg, params, data, print_fn) -> RecipePolicy:
+    """Static int8 activation scales are calibrated once (absmax/127 over a few batches) on the
+    initial student and then frozen for the run; <run_dir>/quant_scales.json keeps them so a resumed
+    run uses the same scales, and the final model carries them to export."""
+    path = Path(cfg.run_dir) / SCALES_JSON
+    if path.is_file():
+        scales = load_quant_scales(cfg.run_dir)
+    else:
+        if data is None:
+            raise ValueError(f"recipe {policy.resolution.recipe.name!r} calibrates static activation scales on "
+                             "text; runs with teacher.cache do not support that yet — use the online teacher")
+        spec, tokenizer = data
+        batches = make_eval_batches(spec, tokenizer, seq_len=cfg.data.seq_len, global_batch_size=4,
+                                    shard_index=0, shard_count=1, num_batches=4)
+        scales = jax.device_get(calibrate(s_cfg, params, policy.resolution, batches))
+        if jax.process_index() == 0:
+            save_quant_scales(cfg.run_dir, scales)
+        print_fn(f"calibrated {len(jax.tree.leaves(scales))} static activation scales → {path}")
+    return RecipePolicy(policy.resolution, backend=policy.backend, static_scales=scales)
+
+
 def save_final_model(cfg: RunConfig, run: _Run, state) -> Path:
     """<run_dir>/model: the trained student as a model checkpoint (params, config, and in meta the
     recipe it was trained under and the tokenizer), which export, eval and a next run start from."""
@@ -240,6 +265,9 @@ def save_final_model(cfg: RunConfig, run: _Run, state) -> Path:
             "run_config": cfg.to_dict(), **({"recipe": recipe.recipe.to_dict()} if recipe is not None else {})}
     out = Path(cfg.run_dir) / FINAL_MODEL_DIR
     checkpoint.save_model(out, state.params, run.model_config, meta=meta, force=True)
+    scales = getattr(run.policy, "static_scales", None)
+    if scales is not None and jax.process_index() == 0:
+        save_quant_scales(out, scales)
     return out
 
 
