@@ -16,19 +16,12 @@ _NEG_INF = -2.3819763e38  # most negative bf16-representable value; keeps fully 
 def attention_mask(segment_ids: Array, window: int | None) -> Array:
     """[B, T] segment ids (0 = padding) → [B, T, S] bool mask: causal by index, same segment, and for
     sliding layers key index > query index − window (the window holds the current token and W−1
-    before it)."""
-    t = segment_ids.shape[1]
-    q_idx = jnp.arange(t)[:, None]
-    k_idx = jnp.arange(t)[None, :]
-    mask = k_idx <= q_idx
-    if window is not None:
-        mask &= k_idx > q_idx - window
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return mask[None] & same
+    before it). The whole sequence at once: the cached rule with the sequence as its own cache."""
+    return cache_attention_mask(segment_ids, segment_ids, 0, window)
 
 
 def cache_attention_mask(segment_ids: Array, cached_segment_ids: Array, start: Array, window: int | None) -> Array:
-    """The cached counterpart of `attention_mask`: queries [B, T] sit at absolute indices start..start+T-1
+    """The general rule behind `attention_mask`: queries [B, T] sit at absolute indices start..start+T-1
     of the sequence, keys are the cache's S slots, slot j holding the sequence's token j (segment ids
     `cached_segment_ids` [B, S], already updated with this call's tokens) → [B, T, S] bool mask. Same
     rules by absolute index, so feeding a sequence in chunks gives the mask rows of feeding it whole;
