@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import traverse_util
 
 from gemma_qat.checkpoint import save_model
 from gemma_qat.data import build_python_corpus, train_sentencepiece
@@ -20,11 +19,11 @@ from gemma_qat.eval.metrics import add_recovery, evaluate, layer_errors, quant_e
 from gemma_qat.eval.report import write_report
 from gemma_qat.export.orbax_q4_0 import export_q4_0
 from gemma_qat.model.config import get_config
-from gemma_qat.model.params import abstract_params
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant.policy import RecipePolicy
 from gemma_qat.quant.recipe import get_recipe, resolve
 from pipelines.evaluate import build_parser
+from model_fixtures import calm_weights, to_params
 
 MODEL = "tiny-31b"
 SEQ, ROWS = 24, 3
@@ -32,24 +31,15 @@ SEQ, ROWS = 24, 3
 
 @functools.lru_cache(maxsize=None)
 def _params(noise: float = 0.0):
-    """Random weights drawn in numpy on the abstract tree (no model init to compile): matrices
-    N(0, 0.15²), norms 1 ± 0.1 with halved query/key norms (as test_gguf), and a tied embedding of
-    N(0, 0.1²) — a larger one lets the residual copy of the input dominate, and greedy decoding then
-    repeats the last token, which would make the sampler test weak. `noise` multiplies every tensor
-    by (1 + noise·N(0, 1)) to make a distinct candidate."""
-    cfg = get_config(MODEL)
-    rng = np.random.default_rng(0)
-    flat = {}
-    for k, s in traverse_util.flatten_dict(abstract_params(cfg)).items():
-        if len(s.shape) == 1 or k[-1].endswith("scale"):
-            w = (1 + 0.1 * rng.standard_normal(s.shape)) * (0.5 if k[-2] in ("query_norm", "key_norm") else 1.0)
-        else:
-            w = (0.1 if k[-1] == "input_embedding" else 0.15) * rng.standard_normal(s.shape)
-        flat[k] = w
+    """Calm random weights (tests/model_fixtures.py) with a tied embedding of N(0, 0.1²) — a larger
+    one lets the residual copy of the input dominate, and greedy decoding then repeats the last
+    token, which would make the sampler test weak. `noise` multiplies every tensor by
+    (1 + noise·N(0, 1)) to make a distinct candidate."""
+    cfg, flat = calm_weights(MODEL, embed_std=0.1)
     if noise:
         noisy = np.random.default_rng(1)
         flat = {k: w * (1 + noise * noisy.standard_normal(w.shape)) for k, w in flat.items()}
-    return cfg, traverse_util.unflatten_dict({k: jnp.asarray(w, jnp.float32) for k, w in flat.items()})
+    return cfg, to_params(flat)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -17,12 +17,11 @@ from flax import traverse_util
 from gemma_qat.data.tokenizer import Tokenizer, train_sentencepiece
 from gemma_qat.export.gguf import export_gguf, gguf_name, load_vocab
 from gemma_qat.hf_layout import tensor_maps
-from gemma_qat.model.config import get_config
-from gemma_qat.model.params import init_params
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant import formats
 from gemma_qat.quant.policy import RecipePolicy, weight_axes, weight_in_axes
 from gemma_qat.quant.recipe import FLOAT, Recipe, Rule, get_recipe, resolve
+from model_fixtures import calm_weights, to_params
 
 from gguf_tokenizer import TRAIN_TEXT, write_tokenizer
 
@@ -39,22 +38,10 @@ def _llama_cpp():
 
 @functools.lru_cache(maxsize=None)
 def _params(name: str, seed: int = 0):
-    """Random weights that give peaked but not saturated next-token distributions: matrices
-    N(0, 0.15²), the tied embedding N(0, 0.5²), norms and scalars 1 ± 0.1, and query/key norm scales
-    halved (Gemma 4 has no 1/√H attention scaling, so unit-scale QK-norms make attention nearly
-    argmax and the random model chaotic: any rounding difference then flips tokens)."""
-    cfg = get_config(name)
-    flat = traverse_util.flatten_dict(init_params(cfg, jax.random.PRNGKey(seed)))
-    rng = np.random.default_rng(seed)
-    out = {}
-    for k, v in flat.items():
-        path = "/".join(k)
-        if v.ndim == 1 or path.endswith("scale"):
-            x = 1.0 + 0.1 * rng.standard_normal(v.shape)
-            out[k] = (x * (0.5 if k[-2] in ("query_norm", "key_norm") else 1.0)).astype(np.float32)
-        else:
-            out[k] = ((0.5 if "input_embedding" in path else 0.15) * rng.standard_normal(v.shape)).astype(np.float32)
-    return cfg, traverse_util.unflatten_dict(out)
+    """Calm random weights (tests/model_fixtures.py) with a tied embedding of N(0, 0.5²): peaked but
+    not saturated next-token distributions, so llama.cpp's rounding does not flip tokens."""
+    cfg, flat = calm_weights(name, embed_std=0.5, seed=seed)
+    return cfg, to_params(flat)
 
 
 def _resolution(cfg, recipe: str):

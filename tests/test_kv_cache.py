@@ -9,15 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from gemma_qat.eval import candidates as C
 from gemma_qat.eval.generate import generate
 from gemma_qat.model.config import get_config
-from gemma_qat.model.params import abstract_params
 from gemma_qat.model.transformer import KVCache, Transformer, init_cache
 from gemma_qat.quant.policy import RecipePolicy
 from gemma_qat.quant.recipe import get_recipe, resolve
+from model_fixtures import calm_weights, to_params
 
 MODELS = ["tiny-e2b", "tiny-31b", "tiny-26b-a4b"]
 T, PAD = 13, 3  # T > sliding window (8); row 1 is left-padded by PAD tokens (segment 0)
@@ -26,19 +25,11 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 @functools.lru_cache(maxsize=None)
 def _params(name: str):
-    """Numpy-drawn weights on the abstract tree (no init compile): matrices N(0, 0.15²), norms 1 ± 0.1
-    (query/key norms halved), embedding tables N(0, 0.05²) — scales at which greedy decoding of these
-    tiny models does not just repeat one token (which would make the generation test weak)."""
-    cfg = get_config(name)
-    rng = np.random.default_rng(0)
-    flat = {}
-    for k, s in traverse_util.flatten_dict(abstract_params(cfg)).items():
-        if len(s.shape) == 1 or k[-1].endswith("scale"):
-            w = (1 + 0.1 * rng.standard_normal(s.shape)) * (0.5 if k[-2] in ("query_norm", "key_norm") else 1.0)
-        else:
-            w = (0.05 if k[-1] in ("input_embedding", "per_layer_embeddings") else 0.15) * rng.standard_normal(s.shape)
-        flat[k] = jnp.asarray(w, jnp.float32)
-    return cfg, traverse_util.unflatten_dict(flat)
+    """Calm random weights (tests/model_fixtures.py) with embedding tables N(0, 0.05²): scales at
+    which greedy decoding of these tiny models does not just repeat one token (which would make
+    the generation test weak)."""
+    cfg, flat = calm_weights(name, embed_std=0.05, embed_tables=("input_embedding", "per_layer_embeddings"))
+    return cfg, to_params(flat)
 
 
 @functools.lru_cache(maxsize=None)
