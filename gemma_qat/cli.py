@@ -31,6 +31,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_import_hf(args) -> int:
+    import jax
     import jax.numpy as jnp
 
     from gemma_qat.checkpoint import save_model
@@ -38,16 +39,11 @@ def _cmd_import_hf(args) -> int:
 
     dtype = {"keep": None, "bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     config, params = load_hf(args.hf_dir, dtype=dtype)
-    stored = str(next(iter(_leaves(params))).dtype)
+    stored = str(jax.tree.leaves(params)[0].dtype)
     save_model(args.out_dir, params, config, force=args.force,
                meta={"source": str(Path(args.hf_dir).absolute()), "param_dtype": stored, "kind": "float"})
     print(f"imported {config.name} ({config.num_layers} layers, {stored}) → {args.out_dir}")
     return 0
-
-
-def _leaves(tree):
-    import jax
-    return jax.tree.leaves(tree)
 
 
 def _cmd_logits(args) -> int:

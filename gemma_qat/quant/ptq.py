@@ -4,6 +4,8 @@ fake-quant forward pass sees."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from flax import traverse_util
 
@@ -11,6 +13,13 @@ from gemma_qat.model.config import ModelConfig
 from gemma_qat.quant import formats
 from gemma_qat.quant.policy import weight_axes, weight_in_axes
 from gemma_qat.quant.recipe import Resolution
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _fake_quant(w, fmt: str, axes):
+    # One jitted function for every tensor: tensors of the same shape, format and axes (every layer
+    # of a kind) share one compilation instead of compiling per tensor.
+    return formats.get_format(fmt).fake_quant(w, axes)
 
 
 def dequantized_params(config: ModelConfig, params: dict, resolution: Resolution) -> dict:
@@ -23,6 +32,5 @@ def dequantized_params(config: ModelConfig, params: dict, resolution: Resolution
         if fmt == "float":
             out[key] = w
         else:
-            fq = jax.jit(formats.get_format(fmt).fake_quant, static_argnums=1)
-            out[key] = fq(w, weight_axes(fmt, axes[path]))
+            out[key] = _fake_quant(w, fmt, weight_axes(fmt, axes[path]))
     return traverse_util.unflatten_dict(out)
