@@ -41,11 +41,13 @@ def bench_config(name: str):
 
 
 def flops_per_token(cfg, seq: int, teacher: bool) -> float:
-    n = count_params(cfg)["total_params"]
+    counts = count_params(cfg)
+    # The PLE table (E models) is a gather, not a matmul: it does no FLOPs, so it is not in N.
+    n = counts["total_params"] - counts["per_layer_embedding_params"]
     attn = sum(4 * cfg.num_heads * cfg.layer_head_dim(i) * (seq / 2 if cfg.is_global(i) else min(seq / 2, cfg.sliding_window))
                for i in range(cfg.num_layers))  # forward QKᵀ and AV
     if cfg.is_moe:  # only top-k experts run per token
-        n = count_params(cfg)["active_params"]
+        n = counts["active_params"]
     return 3 * (2 * n + attn) + ((2 * n + attn) if teacher else 0)
 
 
@@ -65,7 +67,7 @@ def run_mode(args) -> dict:
     cfg = bench_config(args.config)
     mode = args.mode
     quant = RecipePolicy(resolve(get_recipe("q4_0", cfg), cfg)) if "qat" in mode else None
-    kw = dict(dtype=jnp.bfloat16, remat=args.remat)
+    kw = dict(dtype=jnp.bfloat16, remat=args.remat, attention=args.attention)
     student = Transformer(cfg, **({"quant": quant} if quant else {}), **kw)
     teacher = Transformer(cfg, **kw)
     params = jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(0))
@@ -92,9 +94,10 @@ def run_mode(args) -> dict:
 
     step = jax.jit(step, donate_argnums=(0, 1))  # old weights and moments never coexist with new
     t0 = time.perf_counter()
-    train, opt, loss = step(train, opt, frozen, t_params, tokens, labels)
-    loss.block_until_ready()
+    step = step.lower(train, opt, frozen, t_params, tokens, labels).compile()  # AOT: its HLO for --profile
     compile_s = time.perf_counter() - t0
+    train, opt, loss = step(train, opt, frozen, t_params, tokens, labels)  # warm-up
+    loss.block_until_ready()
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -102,9 +105,22 @@ def run_mode(args) -> dict:
         loss.block_until_ready()
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times[1:] if len(times) > 2 else times)
+    if args.profile:
+        import pathlib
+        import sys as _sys
+        _sys.path.insert(0, str(pathlib.Path(__file__).parent))
+        from trace_summary import summarise
+        pdir = f"{args.profile}/{mode.replace('+', '_')}"
+        with jax.profiler.trace(pdir, create_perfetto_trace=True):
+            for _ in range(2):
+                train, opt, loss = step(train, opt, frozen, t_params, tokens, labels)
+            loss.block_until_ready()
+        summary = summarise(pdir, steps=2, hlo_text=step.as_text())
+        pathlib.Path(f"{pdir}.txt").write_text(summary)
+        print(summary, file=_sys.stderr, flush=True)
     tok_s = b * t / dt
     stats = jax.devices()[0].memory_stats() or {}
-    return {"config": cfg.name, "mode": mode, "batch": b, "seq": t, "remat": args.remat,
+    return {"config": cfg.name, "mode": mode, "batch": b, "seq": t, "remat": args.remat, "attention": args.attention,
             "freeze_embeddings": args.freeze_embeddings, "step_s": dt, "tokens_per_s": tok_s,
             "mfu": tok_s * flops_per_token(cfg, t, "teacher" in mode) / args.peak,
             "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "compile_s": compile_s,
@@ -120,6 +136,9 @@ def main():
     ap.add_argument("--chunk", type=int, default=512, help="tokens per chunk of the KL/CE loss")
     ap.add_argument("--remat", default="none", choices=["none", "dots", "full"])
     ap.add_argument("--freeze-embeddings", action="store_true", help="bf16, untrained embedding tables")
+    ap.add_argument("--attention", default="auto", choices=["xla", "cudnn", "auto"],
+                    help="attention kernel (auto: cuDNN where it applies)")
+    ap.add_argument("--profile", help="also trace 2 steps into DIR/<mode> and summarise kernels into DIR/<mode>.txt")
     ap.add_argument("--peak", type=float, default=989e12)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--mode", help=argparse.SUPPRESS)  # one mode, in a child process
@@ -131,8 +150,11 @@ def main():
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--mode", mode, "--config", args.config, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--chunk", str(args.chunk),
-               "--remat", args.remat, "--peak", str(args.peak)] + ["--freeze-embeddings"] * args.freeze_embeddings
+               "--remat", args.remat, "--peak", str(args.peak), "--attention", args.attention]
+        cmd += ["--freeze-embeddings"] * args.freeze_embeddings + (["--profile", args.profile] if args.profile else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
+        if args.profile:
+            print(out.stderr[-6000:], flush=True)
         res = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
         if out.returncode or not res:
             print(f"{args.config} {mode}: FAILED\n{out.stderr[-2000:]}", flush=True)
@@ -140,7 +162,8 @@ def main():
         rows.append(json.loads(res[0][7:]))
         r = rows[-1]
         print(f"{r['config']:12s} {mode:12s} step {r['step_s']*1e3:8.1f} ms  {r['tokens_per_s']:9.0f} tok/s  "
-              f"MFU {100*r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  compile {r['compile_s']:.0f}s", flush=True)
+              f"MFU {100*r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  compile {r['compile_s']:.0f}s  "
+              f"attention {args.attention}", flush=True)
     print("JSON " + json.dumps(rows))
 
 

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gemma_qat.fused_loss import fused_ce_loss, fused_distill_loss
+
 Array = jax.Array
 Scalar = Any  # Python float or traced jnp scalar
 # Finite stand-in for -inf when masking logits: keeps logsumexp and its
@@ -37,8 +39,9 @@ _NEG = -1e30
 
 
 def logits_from_hidden(h: Array, embed: Array, *, softcap: float | None) -> Array:
-    """fp32 logits = softcap(h @ embed^T); h [..., D] any float, embed [V, D]."""
-    z = jnp.einsum("...d,vd->...v", h, embed, preferred_element_type=jnp.float32)  # [..., V]
+    """fp32 logits = softcap(h @ embed^T); h [..., D] any float, embed [V, D] (cast to h's dtype, as
+    the model's own head does: bf16 operands, fp32 accumulation, never an fp32 GEMM on bf16 h)."""
+    z = jnp.einsum("...d,vd->...v", h, embed.astype(h.dtype), preferred_element_type=jnp.float32)  # [..., V]
     z = z.astype(jnp.float32)  # einsum may keep an fp64/other input dtype; pin fp32
     if softcap is not None:
         z = softcap * jnp.tanh(z / softcap)
@@ -138,16 +141,22 @@ def chunked_distill_loss(student_h: Array, teacher_h: Array, student_embed: Arra
                          teacher_embed: Array, *, softcap: float | None,
                          temperature: Scalar = 1.0, alpha: Scalar = 0.0,
                          labels: Array | None = None, mask: Array | None = None,
-                         chunk_size: int = 256) -> tuple[Array, dict[str, Array]]:
+                         chunk_size: int = 256, fused: bool = True) -> tuple[Array, dict[str, Array]]:
     """(1-alpha) * T^2 * KL(teacher || student) + alpha * CE, masked mean, chunked over T.
 
     student_h/teacher_h [B, T, D] (after final norm); embeds [V, D]; labels [B, T] int;
     mask [B, T] 0/1 or bool. Teacher inputs get stop_gradient.
+    fused (default): fused_loss.py forms the gradient in the forward, one pass per chunk; aux then
+    carries no gradient. fused=False: autodiff through a rematerialised chunk (the reference).
     """
     _check_static(temperature, alpha)
     with_ce = _needs_ce(alpha, labels)
     bt = student_h.shape[:2]
     w = _weights(mask, bt)  # [B, T]
+    if fused:
+        return fused_distill_loss(student_h, teacher_h, student_embed, teacher_embed, softcap=softcap,
+                                  temperature=temperature, alpha=alpha, labels=labels if with_ce else None,
+                                  weights=w, with_ce=with_ce, chunk_size=chunk_size)
     temp = jnp.asarray(temperature, jnp.float32)
     t_h = jax.lax.stop_gradient(teacher_h)  # [B, T, D]
     t_e = jax.lax.stop_gradient(teacher_embed)  # [V, D]
@@ -166,11 +175,14 @@ def chunked_distill_loss(student_h: Array, teacher_h: Array, student_embed: Arra
 
 
 def chunked_ce_loss(h: Array, embed: Array, labels: Array, *, softcap: float | None,
-                    mask: Array | None = None, chunk_size: int = 256) -> tuple[Array, dict[str, Array]]:
+                    mask: Array | None = None, chunk_size: int = 256, fused: bool = True
+                    ) -> tuple[Array, dict[str, Array]]:
     """Next-token cross-entropy without a teacher (plain training, QAT on labels), chunked like
-    the distillation loss so no [B, T, V] fp32 logits exist at once."""
+    the distillation loss so no [B, T, V] fp32 logits exist at once (fused: as chunked_distill_loss)."""
     bt = h.shape[:2]
     w = _weights(mask, bt)  # [B, T]
+    if fused:
+        return fused_ce_loss(h, embed, labels, softcap=softcap, weights=w, chunk_size=chunk_size)
 
     def body(xs):
         hc, lb, wc = xs  # [B, c, D], [B, c], [B, c]

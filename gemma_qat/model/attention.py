@@ -36,6 +36,44 @@ def cache_attention_mask(segment_ids: Array, cached_segment_ids: Array, start: A
     return mask[None] & same
 
 
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+CUDNN_MAX_HEAD_DIM = 256  # cuDNN flash attention on Hopper; the 512-wide global heads take the XLA path
+
+
+def attend(q: Array, key: Array, value: Array, mask: Array, segment_ids: Array | None, window: int | None,
+           impl: str = "xla") -> Array:
+    """Softmax attention without 1/√H scaling (Gemma 4 relies on QK-norm; HF `scaling = 1.0`).
+
+    q [B, T, N, H], key/value [B, S, K, H] (N a multiple of K: contiguous groups of N/K query heads
+    share a KV head), mask [B, T, S] bool (the full rule: causal, window, segments) → [B, T, N, H].
+
+    impl "xla": einsum logits in fp32, masked softmax, einsum with V; materialises [B, K, G, T, S].
+    impl "cudnn": cuDNN's fused flash attention (GPU, bf16/fp16, head dim ≤ 256, self-attention with
+    S = T): causal and the sliding window are cuDNN's own masks, and packed documents (segment ids
+    not all equal) enter as an additive bias built from the segment rule. "auto" takes cudnn where
+    it applies (a GPU backend, head dim and dtype supported, S = T) and xla elsewhere."""
+    if impl == "auto":
+        ok = (jax.default_backend() == "gpu" and q.shape[-1] <= CUDNN_MAX_HEAD_DIM and q.shape[-1] % 8 == 0
+              and q.dtype in (jnp.bfloat16, jnp.float16) and key.shape[1] == q.shape[1])
+        impl = "cudnn" if ok else "xla"
+    if impl == "cudnn":
+        seg_mask = None
+        if segment_ids is not None:  # [B, 1, T, S]; cuDNN folds it into a bias
+            seg_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(
+            q, key.astype(q.dtype), value.astype(q.dtype), mask=seg_mask, scale=1.0, is_causal=True,
+            local_window_size=None if window is None else (window - 1, 0), implementation="cudnn")
+    if impl != "xla":
+        raise ValueError(f"unknown attention impl {impl!r}; use 'xla', 'cudnn' or 'auto'")
+    b, t, n, h = q.shape
+    k = key.shape[2]
+    qg = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, key, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, n, h)
+
+
 class Attention(nn.Module):
     """One attention layer. Non-shared layers compute and return their post-norm, post-RoPE K and V
     (so later KV-shared layers can reuse them); shared layers get `shared_kv` and own no K/V params.
@@ -57,12 +95,14 @@ class Attention(nn.Module):
     kv_shared: bool
     quant: QuantPolicy
     eps: float = 1e-6
+    impl: str = "auto"  # attention kernel: "xla" | "cudnn" | "auto" (see `attend`)
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Array, shared_kv: tuple[Array, Array] | None = None,
-                 cache: tuple[Array, Array] | None = None, cache_index: Array | None = None):
+                 cache: tuple[Array, Array] | None = None, cache_index: Array | None = None,
+                 segment_ids: Array | None = None):
         # x [B, T, D], positions [B, T], mask [B, T, S] (S = T, or the cache length)
         d, n, k, h = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim
         kw = dict(quant=self.quant, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -98,13 +138,8 @@ class Attention(nn.Module):
             key, value = (a.astype(self.dtype) for a in new_kv)
 
         q = nn.with_logical_constraint(q, ("act_batch", "act_seq", "act_heads", None))
-        b, t = q.shape[:2]
-        qg = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]: contiguous groups share a KV head
-        # No 1/√H factor: Gemma 4 relies on QK-norm instead (HF `scaling = 1.0`).
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, key, preferred_element_type=jnp.float32)
-        logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
-        probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, n, h)
+        out = attend(q, key, value, mask, segment_ids, self.window,
+                     impl="xla" if cache_index is not None else self.impl)  # [B, T, N, H]
         out = nn.with_logical_constraint(out, ("act_batch", "act_seq", "act_heads", None))
         o = Einsum((n, h, d), ("q_heads", "head_dim", "embed"), (0, 1), name="attn_vec_einsum", **kw)
         return o("BTNH,NHD->BTD", out), new_kv

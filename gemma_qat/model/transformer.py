@@ -29,12 +29,14 @@ class Block(nn.Module):
     config: ModelConfig
     layer: int
     quant: QuantPolicy
+    attention: str = "auto"
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Array, ple: Array | None, shared_kv,
-                 cache: tuple[Array, Array] | None = None, cache_index: Array | None = None):
+                 cache: tuple[Array, Array] | None = None, cache_index: Array | None = None,
+                 segment_ids: Array | None = None):
         # x [B, T, D]; ple [B, T, P] or None; returns (x, (key, value)) of this layer's attention
         # (with a cache: its updated buffers; see Attention).
         cfg, i = self.config, self.layer
@@ -47,8 +49,8 @@ class Block(nn.Module):
             rope_theta=cfg.global_rope_theta if glob else cfg.local_rope_theta,
             rope_proportion=cfg.global_rope_proportion if glob else 1.0,
             window=None if glob else cfg.sliding_window, k_eq_v=cfg.layer_k_eq_v(i),
-            kv_shared=cfg.is_kv_shared(i), eps=cfg.norm_eps, name="attn", **kw)
-        a, kv = attn(norm("pre_attention_norm")(x), positions, mask, shared_kv, cache, cache_index)
+            kv_shared=cfg.is_kv_shared(i), eps=cfg.norm_eps, impl=self.attention, name="attn", **kw)
+        a, kv = attn(norm("pre_attention_norm")(x), positions, mask, shared_kv, cache, cache_index, segment_ids)
         x = x + norm("post_attention_norm")(a)
 
         if cfg.is_moe:
@@ -88,6 +90,7 @@ class Transformer(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     remat: str = "none"
+    attention: str = "auto"  # attention kernel, see attention.attend: "xla" | "cudnn" | "auto" (GPU: cuDNN)
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
@@ -100,6 +103,7 @@ class Transformer(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             if cache is not None:
                 positions = positions + cache.length  # [B, T] continue the cached sequence
+        packed = segment_ids  # None: one document per row, so fused kernels need no segment mask
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         kw = dict(quant=self.quant, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -126,11 +130,12 @@ class Transformer(nn.Module):
         kv_store = {}
         for i in range(cfg.num_layers):
             shared = kv_store[cfg.kv_source[i]] if cfg.is_kv_shared(i) else None
-            # Without a cache the block is called exactly as before; with one it also gets this
-            # layer's buffers (none for KV-shared layers: `shared` are then the source's buffers).
-            cache_args = () if cache is None else (cache.layers.get(f"layer_{i}"), start)
-            x, kv = block_cls(cfg, i, name=f"layer_{i}", **kw)(
-                x, positions, masks[cfg.layer_types[i]], None if ple is None else ple[:, :, i], shared, *cache_args)
+            # With a cache the block also gets this layer's buffers (none for KV-shared layers:
+            # `shared` are then the source's buffers) and the slot of this call's first token.
+            cache_args = (None, None) if cache is None else (cache.layers.get(f"layer_{i}"), start)
+            x, kv = block_cls(cfg, i, attention=self.attention, name=f"layer_{i}", **kw)(
+                x, positions, masks[cfg.layer_types[i]], None if ple is None else ple[:, :, i], shared, *cache_args,
+                packed)
             if i in sources:
                 kv_store[i] = kv
             if cache is not None and not cfg.is_kv_shared(i):

@@ -22,6 +22,7 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
+from gemma_qat.model.attention import ATTENTION_IMPLS
 from gemma_qat.model.transformer import REMAT_POLICIES
 from gemma_qat.sharding import MeshConfig
 from gemma_qat.train import config_io
@@ -128,6 +129,7 @@ class RunConfig:
     checkpoint: CheckpointSection = CheckpointSection()
     logging: LoggingSection = LoggingSection()
     remat: str = "none"  # none | full | dots (model/transformer.py REMAT_POLICIES)
+    attention: str = "auto"  # xla | cudnn | auto (model/attention.py attend; auto = cuDNN where it applies)
 
     def __post_init__(self):
         problems = _problems(self)
@@ -158,6 +160,7 @@ def _problems(c: RunConfig) -> list[str]:
     p: list[str] = []
     o, d, s = c.optimizer, c.data, c.distill
     _choice(p, "remat", c.remat, REMAT_POLICIES)
+    _choice(p, "attention", c.attention, ATTENTION_IMPLS)
     _choice(p, "optimizer.param_dtype", o.param_dtype, DTYPES)
     _choice(p, "optimizer.compute_dtype", o.compute_dtype, DTYPES)
     _choice(p, "teacher.param_dtype", c.teacher.param_dtype, DTYPES)

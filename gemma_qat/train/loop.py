@@ -155,18 +155,19 @@ def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) 
         print_fn(f"resumed from checkpoint step {resumed_from}")
 
     def build_step():
-        student = Transformer(s_cfg, quant=policy, dtype=compute, param_dtype=param_dtype, remat=cfg.remat)
+        student = Transformer(s_cfg, quant=policy, dtype=compute, param_dtype=param_dtype, remat=cfg.remat,
+                              attention=cfg.attention)
         common = dict(grad_accum_steps=o.grad_accum_steps, chunk_size=cfg.distill.chunk_size)
         schedule, lr_fn = distill_schedule(cfg.distill, o.total_steps), optim.lr_schedule(o)
         if cache:
             step_fn = step_lib.make_cached_step_fn(student, tx, schedule, lr_fn, **common)
             return step_lib.jit_step(step_fn, state_sh, t_sh, batch_sh, mesh, keys=step_lib.CACHED_BATCH_KEYS)
-        teacher = Transformer(t_cfg, dtype=compute, param_dtype=teacher_dtype)
+        teacher = Transformer(t_cfg, dtype=compute, param_dtype=teacher_dtype, attention=cfg.attention)
         step_fn = step_lib.make_step_fn(student, teacher, tx, schedule, lr_fn, **common)
         return step_lib.jit_step(step_fn, state_sh, t_sh, batch_sh, mesh)
 
     # Everything the compiled step depends on; the shardings follow from configs, mesh and recipe.
-    key = (s_cfg, t_cfg, policy, o, cfg.distill, cfg.remat, cfg.teacher.param_dtype, mesh, recipe,
+    key = (s_cfg, t_cfg, policy, o, cfg.distill, cfg.remat, cfg.attention, cfg.teacher.param_dtype, mesh, recipe,
            cfg.data.global_batch_size, cfg.data.seq_len, cache is not None)
     logger = metrics_lib.MetricsLogger(
         run_dir, total_steps=o.total_steps, tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len,
