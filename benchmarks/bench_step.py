@@ -26,10 +26,11 @@ from flax import traverse_util
 
 from gemma_qat.distill import chunked_ce_loss, chunked_distill_loss
 from gemma_qat.model.config import get_config, interleave
-from gemma_qat.model.params import count_params, init_params
+from gemma_qat.model.params import init_params
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant.policy import RecipePolicy
 from gemma_qat.quant.recipe import get_recipe, resolve
+from gemma_qat.train.metrics import matmul_params
 
 MODES = ("plain", "qat", "qat+teacher")
 
@@ -41,13 +42,11 @@ def bench_config(name: str):
 
 
 def flops_per_token(cfg, seq: int, teacher: bool) -> float:
-    counts = count_params(cfg)
-    # The PLE table (E models) is a gather, not a matmul: it does no FLOPs, so it is not in N.
-    n = counts["total_params"] - counts["per_layer_embedding_params"]
+    # N: parameters in a matmul per token (train/metrics.py: active experts only, the tied head
+    # counted once, embedding and PLE gathers excluded: a lookup does no FLOPs).
+    n = matmul_params(cfg)
     attn = sum(4 * cfg.num_heads * cfg.layer_head_dim(i) * (seq / 2 if cfg.is_global(i) else min(seq / 2, cfg.sliding_window))
                for i in range(cfg.num_layers))  # forward QKᵀ and AV
-    if cfg.is_moe:  # only top-k experts run per token
-        n = counts["active_params"]
     return 3 * (2 * n + attn) + ((2 * n + attn) if teacher else 0)
 
 

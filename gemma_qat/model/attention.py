@@ -49,20 +49,15 @@ def attend(q: Array, key: Array, value: Array, mask: Array, segment_ids: Array |
 
     impl "xla": einsum logits in fp32, masked softmax, einsum with V; materialises [B, K, G, T, S].
     impl "cudnn": cuDNN's fused flash attention (GPU, bf16/fp16, head dim ≤ 256, self-attention with
-    S = T): causal and the sliding window are cuDNN's own masks, and packed documents (segment ids
-    not all equal) enter as an additive bias built from the segment rule. "auto" takes cudnn where
+    S = T): causal and the sliding window are cuDNN's own masks, and packed documents (segment_ids
+    given; None means one document per row) enter as an additive bias built from the segment rule. "auto" takes cudnn where
     it applies (a GPU backend, head dim and dtype supported, S = T) and xla elsewhere."""
     if impl == "auto":
         ok = (jax.default_backend() == "gpu" and q.shape[-1] <= CUDNN_MAX_HEAD_DIM and q.shape[-1] % 8 == 0
               and q.dtype in (jnp.bfloat16, jnp.float16) and key.shape[1] == q.shape[1])
         impl = "cudnn" if ok else "xla"
     if impl == "cudnn":
-        seg_mask = None
-        if segment_ids is not None:  # [B, 1, T, S]; cuDNN folds it into a bias
-            seg_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-        return jax.nn.dot_product_attention(
-            q, key.astype(q.dtype), value.astype(q.dtype), mask=seg_mask, scale=1.0, is_causal=True,
-            local_window_size=None if window is None else (window - 1, 0), implementation="cudnn")
+        return fused_sdpa(q, key, value, segment_ids, window, implementation="cudnn")
     if impl != "xla":
         raise ValueError(f"unknown attention impl {impl!r}; use 'xla', 'cudnn' or 'auto'")
     b, t, n, h = q.shape
@@ -72,6 +67,20 @@ def attend(q: Array, key: Array, value: Array, mask: Array, segment_ids: Array |
     logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, n, h)
+
+
+def fused_sdpa(q: Array, key: Array, value: Array, segment_ids: Array | None, window: int | None,
+               implementation: str = "cudnn") -> Array:
+    """Our mask rule through jax.nn.dot_product_attention: causal, the window as (W−1 keys to the
+    left, none to the right) so a token sees itself and W−1 before it, and segments (if packed) as
+    a [B, 1, T, S] mask that cuDNN folds into a bias. implementation="xla" runs the same call
+    through XLA, which is how CPU tests check this translation of the rule."""
+    seg_mask = None
+    if segment_ids is not None:
+        seg_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(
+        q, key.astype(q.dtype), value.astype(q.dtype), mask=seg_mask, scale=1.0, is_causal=True,
+        local_window_size=None if window is None else (window - 1, 0), implementation=implementation)
 
 
 class Attention(nn.Module):
