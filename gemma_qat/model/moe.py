@@ -1,6 +1,7 @@
 """The 26B-A4B mixture-of-experts FFN: softmax router on the un-normalised residual, top-k with
-renormalised weights times a per-expert scale, GeGLU experts run as grouped (ragged) matmuls so no
-token is dropped and the result equals the dense reference."""
+renormalised weights times a per-expert scale, GeGLU experts run as grouped matmuls (grouped_matmul.py:
+ragged_dot on TPU, a padded-block GEMM elsewhere) so no token is dropped and the result equals the dense
+reference."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from gemma_qat.model.grouped_matmul import grouped_matmul
 from gemma_qat.model.layers import Array, DType, Einsum, QuantPolicy, RMSNorm, gelu_tanh
 
 
@@ -18,6 +20,7 @@ class MoE(nn.Module):
     hidden: int  # per-expert FFN width
     quant: QuantPolicy
     eps: float = 1e-6
+    grouped: str = "auto"  # grouped_matmul impl: ragged | blocked | auto
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 
@@ -51,9 +54,9 @@ class MoE(nn.Module):
         group_sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
         xs = xf[tok]  # [BT·k, D]
         w_gu = gating().reshape(e, 2 * f, d).transpose(0, 2, 1)  # [E, D, 2F]
-        gu = jax.lax.ragged_dot(xs, w_gu, group_sizes, preferred_element_type=jnp.float32).astype(self.dtype)
+        gu = grouped_matmul(xs, w_gu, group_sizes, impl=self.grouped).astype(self.dtype)
         h = gelu_tanh(gu[:, :f]) * gu[:, f:]  # [BT·k, F]
-        ys = jax.lax.ragged_dot(h, linear(), group_sizes, preferred_element_type=jnp.float32)
+        ys = grouped_matmul(h, linear(), group_sizes, impl=self.grouped)
         ys = ys * top_w.reshape(-1)[order][:, None]
         out = jnp.zeros((b * t, d), jnp.float32).at[tok].add(ys)
         return out.reshape(b, t, d).astype(x.dtype)
