@@ -21,22 +21,24 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 _BATCH = ("data", "fsdp")
 _COMMON = (("norm", None), ("head_dim", None), ("act_seq", None), ("act_embed", None))
 
-# Each recipe: logical name → mesh axis / tuple of axes / None (replicated).
+# Each recipe: logical name → mesh axis / tuple of axes / None (replicated). A mesh axis serves one
+# dimension per array, taken in rule order: "ple" → fsdp shards the E models' PLE table [V, L, P]
+# (2.35 B parameters in E2B) along P, while weights that also have "embed" keep fsdp on the model dim.
 RULES: dict[str, tuple[tuple[str, object], ...]] = {
     # Parameters sharded over `fsdp` along the model dim; batch over data×fsdp.
     "fsdp": _COMMON + (
         ("act_batch", _BATCH), ("embed", "fsdp"), ("vocab", None), ("q_heads", None), ("kv_heads", None),
-        ("mlp", None), ("ple", None), ("expert", None), ("expert_mlp", None),
+        ("mlp", None), ("ple", "fsdp"), ("expert", None), ("expert_mlp", None),
         ("act_heads", None), ("act_mlp", None), ("act_vocab", None)),
     # Plus Megatron-style tensor parallelism over heads, FFN hidden and vocab.
     "fsdp_tp": _COMMON + (
         ("act_batch", _BATCH), ("embed", "fsdp"), ("vocab", "tensor"), ("q_heads", "tensor"),
-        ("kv_heads", "tensor"), ("mlp", "tensor"), ("ple", None), ("expert", None), ("expert_mlp", "tensor"),
+        ("kv_heads", "tensor"), ("mlp", "tensor"), ("ple", "fsdp"), ("expert", None), ("expert_mlp", "tensor"),
         ("act_heads", "tensor"), ("act_mlp", "tensor"), ("act_vocab", "tensor")),
     # Plus expert parallelism: experts over `expert`, which also carries batch outside the MoE.
     "fsdp_tp_ep": _COMMON + (
         ("act_batch", _BATCH + ("expert",)), ("embed", "fsdp"), ("vocab", "tensor"), ("q_heads", "tensor"),
-        ("kv_heads", "tensor"), ("mlp", "tensor"), ("ple", None), ("expert", "expert"),
+        ("kv_heads", "tensor"), ("mlp", "tensor"), ("ple", "fsdp"), ("expert", "expert"),
         ("expert_mlp", "tensor"), ("act_heads", "tensor"), ("act_mlp", "tensor"), ("act_vocab", "tensor")),
 }
 

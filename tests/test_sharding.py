@@ -47,6 +47,17 @@ def test_experts_are_split_over_the_expert_axis():
     assert sh["layer_0"]["mlp"]["gating_einsum"]["w"].spec[0] == "expert"
 
 
+@pytest.mark.parametrize("recipe", ["fsdp", "fsdp_tp", "fsdp_tp_ep"])
+def test_ple_table_is_sharded_under_every_recipe(recipe):
+    """The E models' per-layer-embedding table is the largest tensor of E2B (2.35 B parameters): it must
+    not be replicated on every device. Weights with both `embed` and `ple` keep fsdp on `embed`."""
+    cfg = get_config("tiny-e2b")
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=4, tensor=2, recipe=recipe))
+    sh = sharding.tree_shardings(abstract_params(cfg), logical_axes(cfg), mesh, recipe)
+    assert sh["embedder"]["per_layer_embeddings"].spec[2] == "fsdp"
+    assert sh["embedder"]["per_layer_model_projection"]["w"].spec[0] == "fsdp"
+
+
 def test_mesh_errors_name_the_problem():
     with pytest.raises(ValueError, match="has 4 devices but 8 are present"):
         sharding.MeshConfig(data=2, fsdp=2).shape(8)
