@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gemma_qat.fused_loss import fused_ce_loss, fused_distill_loss
+from gemma_qat.fused_loss import fused_ce_loss, fused_distill_loss, fused_topk_loss
 
 Array = jax.Array
 Scalar = Any  # Python float or traced jnp scalar
@@ -241,7 +241,7 @@ def teacher_topk(teacher_h: Array, teacher_embed: Array, *, k: int, softcap: flo
 def topk_distill_loss(student_h: Array, student_embed: Array, teacher_topk_logprobs: Array,
                       teacher_topk_ids: Array, *, softcap: float | None,
                       temperature: Scalar = 1.0, mask: Array | None = None,
-                      chunk_size: int = 256) -> tuple[Array, dict[str, Array]]:
+                      chunk_size: int = 256, fused: bool = True) -> tuple[Array, dict[str, Array]]:
     """T^2 * KL over the teacher's top-k support plus ONE residual bucket, chunked over T.
 
     Partition the vocab into the k cached ids and a "rest" bucket. Teacher mass
@@ -258,10 +258,14 @@ def topk_distill_loss(student_h: Array, student_embed: Array, teacher_topk_logpr
     the SAME temperature as `temperature` (see `teacher_topk`): the teacher's
     residual mass at another T cannot be recovered from a top-k cache, so a
     temperature schedule needs a re-cache. ids [B, T, k] must be distinct per token.
+    fused (default): fused_loss.py, the gradient formed in the forward; False: autodiff (reference).
     """
     _check_static(temperature, 0.0)
     bt = student_h.shape[:2]
     w = _weights(mask, bt)
+    if fused:
+        return fused_topk_loss(student_h, student_embed, teacher_topk_logprobs, teacher_topk_ids, softcap=softcap,
+                               temperature=temperature, weights=w, chunk_size=chunk_size)
     temp = jnp.asarray(temperature, jnp.float32)
     k, v = teacher_topk_ids.shape[-1], student_embed.shape[0]
     lp_all = jax.lax.stop_gradient(teacher_topk_logprobs).astype(jnp.float32)

@@ -3,17 +3,21 @@
 The autodiff path (distill.py with remat) runs each [B, c, V] logits chunk three times for the
 student (forward, recompute, backward) and twice for the teacher, and walks the fp32 logits in many
 separate elementwise passes. Here the loss is a scalar, so its gradient with respect to the logits
-is known in closed form during the forward: per chunk we form the student and teacher logits once,
+is known in closed form during the forward: per chunk we form the student (and teacher) logits once,
 reduce the loss terms, build dL/dz, and immediately contract it into dL/dh (= dz · E, [B, c, D]) and
 dL/dE (+= dzᵀ · h, [V, D]). The backward only scales those by the incoming cotangent.
 
     student logits  s = c·tanh(z / c),  z = h · Eᵀ           (bf16 operands, fp32 accumulation)
-    dL/ds = w/N · [ (1−α)·T·(softmax(s/T) − softmax(t/T)) + α·(softmax(s) − onehot(label)) ]
+    q = softmax(s / T),  w = token weight,  N = Σ w
+    "kl":   dL/ds = w/N · [ (1−α)·T·(q − softmax(t / T)) + α·(softmax(s) − onehot(label)) ]
+    "ce":   dL/ds = w/N · (softmax(s) − onehot(label))
+    "topk": KL over the teacher's k cached ids plus one "rest" bucket (distill.topk_distill_loss):
+            dL/ds = w/N · T · [ (P + r)·q − p̂ − r·1[∉ ids]·softmax_rest(s / T) ]
+            with p̂ the teacher's probabilities scattered to their ids, P = Σ p, r = max(1 − P, 0)
     dL/dz = dL/ds · (1 − (s/c)²)
 
-(the KL term carries T² · (1/T) from Hinton's scaling and the temperature's chain rule). Without a
-teacher the bracket is softmax(s) − onehot(label). The same loss value and aux metrics as
-distill.chunked_distill_loss / chunked_ce_loss; aux is for logging and carries no gradient.
+(the KL terms carry T² · (1/T) from Hinton's scaling and the temperature's chain rule). Loss values and
+aux metrics are those of distill.py's autodiff losses; aux is for logging and carries no gradient.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+_NEG = -1e30  # finite stand-in for −inf (as distill.py): masked logsumexp stays finite
 
 
 def _split(x: Array, c: int, n: int) -> Array:
@@ -37,36 +42,82 @@ def _softcap(z: Array, cap: float | None) -> Array:
     return z if not cap else cap * jnp.tanh(z / cap)
 
 
-def _run(sh, table, th, t_table, labels, w, temp, alpha, *, cap, teacher: bool, with_ce: bool, chunk: int,
-         grads: bool):
-    """Loss sums (and with `grads`, dL/dh [B, T, D] f32 and dL/dE [V, D] f32) over chunks of T."""
+def _ce_terms(s, labels, scale, with_ce: bool):
+    """CE per token and (with_ce) its gradient · scale; the one-hot is a fused compare, never stored."""
+    lse = jax.nn.logsumexp(s, axis=-1)  # [B, c]
+    onehot = jnp.arange(s.shape[-1])[None, None, :] == labels[..., None]
+    ce = lse - jnp.sum(jnp.where(onehot, s, 0.0), -1)
+    ds = (jnp.exp(s - lse[..., None]) - onehot) * scale if with_ce else 0.0
+    return ce, ds
+
+
+def _kl_terms(s, tz, temp, scale):
+    ls = jax.nn.log_softmax(s / temp, axis=-1)
+    lt = jax.nn.log_softmax(tz / temp, axis=-1)
+    pt = jnp.exp(lt)
+    kl = jnp.sum(pt * (lt - ls), -1)
+    agree = jnp.argmax(s, -1) == jnp.argmax(tz, -1)
+    return kl, agree, scale * (jnp.exp(ls) - pt)
+
+
+def _topk_terms(s, lp, ids, temp, scale):
+    zt = s / temp
+    lse = jax.nn.logsumexp(zt, axis=-1)  # [B, c]
+    log_q = jnp.take_along_axis(zt, ids, -1) - lse[..., None]  # [B, c, k]
+    p = jnp.exp(lp)
+    kl = jnp.sum(p * (lp - log_q), -1)
+    psum = jnp.sum(p, -1)
+    q = jnp.exp(zt - lse[..., None])  # [B, c, V]
+    p_hat = jnp.put_along_axis(jnp.zeros_like(zt), ids, p, axis=-1, inplace=False)
+    g = psum[..., None] * q - p_hat
+    if ids.shape[-1] < s.shape[-1]:  # k == V: the bucket is empty by construction
+        z_rest = jnp.put_along_axis(zt, ids, _NEG, axis=-1, inplace=False)
+        lse_rest = jax.nn.logsumexp(z_rest, axis=-1)
+        r = jnp.clip(1.0 - psum, 0.0, 1.0)
+        r_safe = jnp.where(r > 0, r, 1.0)  # 0 · log 0 := 0
+        kl = kl + jnp.where(r > 0, r * (jnp.log(r_safe) - (lse_rest - lse)), 0.0)
+        g = g + r[..., None] * (q - jnp.exp(z_rest - lse_rest[..., None]))  # exp(−1e30 − ·) = 0 on ids
+    t_top = jnp.take_along_axis(ids, jnp.argmax(lp, -1)[..., None], -1)[..., 0]
+    agree = jnp.argmax(s, -1) == t_top
+    return kl, agree, scale * g
+
+
+def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce: bool, chunk: int, grads: bool):
+    """Loss sums (and with `grads`, dL/dh [B, T, D] and dL/dE [V, D]) over chunks of T."""
     b, t, d = sh.shape
     c = min(chunk, t)
     n = -(-t // c)
     tokens = jnp.sum(w, dtype=jnp.float32)
     denom = jnp.where(tokens > 0, tokens, 1.0)
-    g_kl = (1.0 - alpha) * temp / denom  # T² (Hinton) × 1/T (d(s/T)/ds), per token weight
-    g_ce = (alpha if teacher else 1.0) / denom
+    g_kl = (1.0 - alpha) * temp / denom  # T² (Hinton) × 1/T (d(s/T)/ds), per unit token weight
+    g_ce = (alpha if kind == "kl" else 1.0) / denom
     e = table.astype(sh.dtype)  # [V, D] in the compute dtype, like the model's own head
-    te = t_table.astype(th.dtype) if teacher else None
+    if kind == "kl":
+        th, t_table = teacher
+        te = t_table.astype(th.dtype)
+        t_xs = (_split(th, c, n),)
+    elif kind == "topk":
+        t_xs = tuple(_split(a, c, n) for a in teacher)  # log-probs, ids [n, B, c, k]
+    else:
+        t_xs = ()
 
     def body(carry, xs):
         d_table, sums = carry
-        hc, thc, lbc, wc = xs  # [B, c, D], [B, c, D] (or unused), [B, c], [B, c]
+        hc, lbc, wc, *tc = xs  # [B, c, D], [B, c], [B, c], teacher chunks
         s = _softcap(jnp.einsum("bcd,vd->bcv", hc, e, preferred_element_type=jnp.float32), cap)  # [B, c, V]
-        lse1 = jax.nn.logsumexp(s, axis=-1)  # [B, c]
-        onehot = jnp.arange(s.shape[-1])[None, None, :] == lbc[..., None]  # fused compare, never stored
-        ce = lse1 - jnp.sum(jnp.where(onehot, s, 0.0), -1)
-        new = {"ce": jnp.sum(ce * wc), "tokens": jnp.sum(wc)}
-        ds = (jnp.exp(s - lse1[..., None]) - onehot) * g_ce if with_ce else 0.0
-        if teacher:
-            tz = _softcap(jnp.einsum("bcd,vd->bcv", thc, te, preferred_element_type=jnp.float32), cap)
-            ls = jax.nn.log_softmax(s / temp, axis=-1)
-            lt = jax.nn.log_softmax(tz / temp, axis=-1)
-            pt = jnp.exp(lt)
-            new["kl"] = jnp.sum(jnp.sum(pt * (lt - ls), -1) * wc)
-            new["agree"] = jnp.sum((jnp.argmax(s, -1) == jnp.argmax(tz, -1)) * wc)
-            ds = ds + g_kl * (jnp.exp(ls) - pt)
+        new = {"tokens": jnp.sum(wc)}
+        ds = 0.0
+        if kind != "topk":
+            ce, ds = _ce_terms(s, lbc, g_ce, with_ce)
+            new["ce"] = jnp.sum(ce * wc)
+        if kind == "kl":
+            tz = _softcap(jnp.einsum("bcd,vd->bcv", tc[0], te, preferred_element_type=jnp.float32), cap)
+            kl, agree, ds_kl = _kl_terms(s, tz, temp, g_kl)
+        elif kind == "topk":
+            kl, agree, ds_kl = _topk_terms(s, tc[0].astype(jnp.float32), tc[1], temp, temp / denom)
+        if kind != "ce":
+            new["kl"], new["agree"] = jnp.sum(kl * wc), jnp.sum(agree * wc)
+            ds = ds + ds_kl
         sums = {k: sums[k] + v.astype(jnp.float32) for k, v in new.items()}
         if not grads:
             return (d_table, sums), None
@@ -78,10 +129,10 @@ def _run(sh, table, th, t_table, labels, w, temp, alpha, *, cap, teacher: bool, 
         d_table = d_table + jnp.einsum("bcv,bcd->vd", dz, hc, preferred_element_type=jnp.float32)
         return (d_table, sums), dh
 
-    keys = ("ce", "tokens") + (("kl", "agree") if teacher else ())
+    keys = ("tokens",) + (("ce",) if kind != "topk" else ()) + (("kl", "agree") if kind != "ce" else ())
     sums0 = {k: jnp.zeros((), jnp.float32) for k in keys}
     d0 = jnp.zeros(table.shape, jnp.float32) if grads else jnp.zeros((), jnp.float32)
-    xs = (_split(sh, c, n), _split(th, c, n) if teacher else jnp.zeros((n,)), _split(labels, c, n), _split(w, c, n))
+    xs = (_split(sh, c, n), _split(labels, c, n), _split(w, c, n)) + t_xs
     (d_table, sums), dh = jax.lax.scan(body, (d0, sums0), xs)
     if grads:  # stored in the primal dtypes: the backward only scales them
         dh = jnp.moveaxis(dh, 0, 1).reshape(b, n * c, d)[:, :t].astype(sh.dtype)  # [B, T, D]
@@ -89,39 +140,41 @@ def _run(sh, table, th, t_table, labels, w, temp, alpha, *, cap, teacher: bool, 
     return sums, dh, d_table
 
 
-def _loss_aux(sums, temp, alpha, teacher: bool, with_ce: bool):
+def _loss_aux(sums, temp, alpha, kind: str, with_ce: bool):
     tokens = sums["tokens"]
     denom = jnp.where(tokens > 0, tokens, 1.0)
-    ce = sums["ce"] / denom
-    if not teacher:
+    if kind == "ce":
+        ce = sums["ce"] / denom
         return ce, {"ce": ce, "tokens": tokens}
+    ce = sums["ce"] / denom if kind == "kl" else jnp.zeros((), jnp.float32)
     kl_raw = sums["kl"] / denom
     kl = jnp.square(temp) * kl_raw
     loss = (1.0 - alpha) * kl + (alpha * ce if with_ce else 0.0)
     return loss, {"kl": kl, "kl_unscaled": kl_raw, "ce": ce, "top1_agree": sums["agree"] / denom, "tokens": tokens}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
-def _fused(sh, table, th, t_table, labels, w, temp, alpha, cap, teacher, with_ce, chunk):
-    sums, _, _ = _run(sh, table, th, t_table, labels, w, temp, alpha, cap=cap, teacher=teacher, with_ce=with_ce,
+def _zero_cotangent(x: Array) -> Array:
+    return jnp.zeros(x.shape, jax.dtypes.float0) if not jnp.issubdtype(x.dtype, jnp.inexact) else jnp.zeros_like(x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _fused(sh, table, teacher, labels, w, temp, alpha, cap, kind, with_ce, chunk):
+    sums, _, _ = _run(sh, table, teacher, labels, w, temp, alpha, cap=cap, kind=kind, with_ce=with_ce,
                       chunk=chunk, grads=False)
-    return _loss_aux(sums, temp, alpha, teacher, with_ce)
+    return _loss_aux(sums, temp, alpha, kind, with_ce)
 
 
-def _fused_fwd(sh, table, th, t_table, labels, w, temp, alpha, cap, teacher, with_ce, chunk):
-    sums, dh, d_table = _run(sh, table, th, t_table, labels, w, temp, alpha, cap=cap, teacher=teacher,
-                             with_ce=with_ce, chunk=chunk, grads=True)
-    zeros = (jnp.zeros_like(th), jnp.zeros_like(t_table), jnp.zeros_like(w), jnp.zeros_like(temp),
-             jnp.zeros_like(alpha))
-    return _loss_aux(sums, temp, alpha, teacher, with_ce), (dh, d_table, labels, zeros)
+def _fused_fwd(sh, table, teacher, labels, w, temp, alpha, cap, kind, with_ce, chunk):
+    sums, dh, d_table = _run(sh, table, teacher, labels, w, temp, alpha, cap=cap, kind=kind, with_ce=with_ce,
+                             chunk=chunk, grads=True)
+    zeros = jax.tree.map(_zero_cotangent, (teacher, labels, w, temp, alpha))
+    return _loss_aux(sums, temp, alpha, kind, with_ce), (dh, d_table, zeros)
 
 
-def _fused_bwd(cap, teacher, with_ce, chunk, res, cts):
-    dh, d_table, labels, (z_th, z_tt, z_w, z_temp, z_alpha) = res
+def _fused_bwd(cap, kind, with_ce, chunk, res, cts):
+    dh, d_table, zeros = res
     g = cts[0]  # only the loss is differentiable; aux is logging
-    int_zero = jnp.zeros(labels.shape, jax.dtypes.float0)
-    return ((g * dh).astype(dh.dtype), (g * d_table).astype(d_table.dtype), z_th, z_tt, int_zero, z_w, z_temp,
-            z_alpha)
+    return ((g * dh).astype(dh.dtype), (g * d_table).astype(d_table.dtype)) + zeros
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -135,8 +188,8 @@ def fused_distill_loss(student_h: Array, teacher_h: Array, student_table: Array,
     temp = jnp.asarray(temperature, jnp.float32)
     alpha = jnp.asarray(alpha, jnp.float32)
     lab = jnp.zeros(weights.shape, jnp.int32) if labels is None else labels.astype(jnp.int32)
-    loss, aux = _fused(student_h, student_table, jax.lax.stop_gradient(teacher_h),
-                       jax.lax.stop_gradient(teacher_table), lab, weights, temp, alpha, softcap, True, with_ce,
+    teacher = (jax.lax.stop_gradient(teacher_h), jax.lax.stop_gradient(teacher_table))
+    loss, aux = _fused(student_h, student_table, teacher, lab, weights, temp, alpha, softcap, "kl", with_ce,
                        chunk_size)
     if labels is None:  # no labels: no CE metric (the placeholder labels' CE means nothing)
         aux = {**aux, "ce": jnp.zeros_like(aux["ce"])}
@@ -147,5 +200,16 @@ def fused_ce_loss(h: Array, table: Array, labels: Array, *, softcap: float | Non
                   chunk_size: int) -> tuple[Array, dict[str, Array]]:
     """Next-token cross-entropy with its gradient formed in the forward (module doc)."""
     one = jnp.ones((), jnp.float32)
-    return _fused(h, table, jnp.zeros((1, 1, 1), h.dtype), jnp.zeros((1, 1), table.dtype), labels.astype(jnp.int32),
-                  weights, one, one, softcap, False, True, chunk_size)
+    return _fused(h, table, (), labels.astype(jnp.int32), weights, one, one, softcap, "ce", True, chunk_size)
+
+
+def fused_topk_loss(student_h: Array, student_table: Array, topk_logprobs: Array, topk_ids: Array, *,
+                    softcap: float | None, temperature, weights: Array, chunk_size: int
+                    ) -> tuple[Array, dict[str, Array]]:
+    """T²·KL over the cached top-k plus the rest bucket (distill.topk_distill_loss), gradient formed in
+    the forward (module doc). topk_logprobs/ids [B, T, k]."""
+    temp = jnp.asarray(temperature, jnp.float32)
+    teacher = (jax.lax.stop_gradient(topk_logprobs).astype(jnp.float32), topk_ids.astype(jnp.int32))
+    labels = jnp.zeros(weights.shape, jnp.int32)
+    return _fused(student_h, student_table, teacher, labels, weights, temp, jnp.zeros((), jnp.float32), softcap,
+                  "topk", False, chunk_size)
