@@ -61,13 +61,32 @@ def _mesh_shape(cfg: RunConfig, topo: Topology) -> tuple[int, ...]:
                              "of them to -1 to take the rest") from None
 
 
+DEFAULT_CACHE_K = 64  # pipelines/teacher_cache.py's --k default, for a cache folder not on this host
+
+
+def _cache_k(cfg: RunConfig, notes: list[str]) -> int:
+    """Offline distillation: the batch carries the teacher's top-k, read k from the cache if it is here."""
+    from gemma_qat.train.teacher_cache import TeacherCache
+    try:
+        k = int(TeacherCache(cfg.teacher.cache).meta["k"])
+        notes.append(f"offline distillation from teacher.cache (top-{k}): no teacher weights or forward")
+    except (OSError, ValueError, KeyError):
+        k = DEFAULT_CACHE_K
+        notes.append(f"offline distillation: teacher.cache {cfg.teacher.cache!r} not readable here, sized with "
+                     f"top-{k} (the cache-teacher default); no teacher weights or forward")
+    return k
+
+
 def _models(cfg: RunConfig, teacher_model: str | None, notes: list[str]):
+    """(student config, teacher config or None for an offline run from teacher.cache)."""
     name = cfg.model.name
     if not state_lib.is_variant(name) and not (Path(name) / "config.json").is_file():
         raise PreflightError(f"model.name {name!r} is neither a variant nor a checkpoint folder on this host; "
                              "preflight needs only the architecture: add the override model.name=VARIANT "
                              "(the variant the checkpoint was imported from, e.g. model.name=e2b)")
     s_cfg = state_lib.student_config(name)
+    if cfg.teacher.cache:
+        return s_cfg, None
     src = cfg.teacher.checkpoint
     if teacher_model:
         t_cfg = get_config(teacher_model)
@@ -125,21 +144,29 @@ class _Plan:
     jitted: object
 
 
-def _plan(cfg, mesh, s_cfg, t_cfg, tx, policy, abstract_state) -> _Plan:
+def _plan(cfg, mesh, s_cfg, t_cfg, tx, policy, abstract_state, cache_k: int = 0) -> _Plan:
+    """t_cfg None: the offline step (teacher.cache), whose batch carries top-`cache_k` log-probs and ids."""
     recipe, o = cfg.mesh.recipe, cfg.optimizer
     p_dtype, t_dtype = _DTYPES[o.param_dtype], _DTYPES[cfg.teacher.param_dtype]
     p_sh = state_lib.param_shardings(s_cfg, mesh, recipe, param_dtype=p_dtype)
     state_sh = state_lib.state_shardings(abstract_state, p_sh, mesh)
-    t_sh = state_lib.param_shardings(t_cfg, mesh, recipe, param_dtype=t_dtype)
     batch_sh = sharding.batch_sharding(mesh, recipe)
     compute = _DTYPES[o.compute_dtype]
-    student = Transformer(s_cfg, quant=policy, dtype=compute, param_dtype=p_dtype, remat=cfg.remat)
-    teacher = Transformer(t_cfg, dtype=compute, param_dtype=t_dtype)
-    fn = step_lib.make_step_fn(student, teacher, tx, distill_schedule(cfg.distill, o.total_steps),
-                               optim.lr_schedule(o), grad_accum_steps=o.grad_accum_steps,
-                               chunk_size=cfg.distill.chunk_size)
+    student = Transformer(s_cfg, quant=policy, dtype=compute, param_dtype=p_dtype, remat=cfg.remat,
+                          attention=cfg.attention)
+    common = dict(grad_accum_steps=o.grad_accum_steps, chunk_size=cfg.distill.chunk_size)
+    schedule, lr_fn = distill_schedule(cfg.distill, o.total_steps), optim.lr_schedule(o)
     shape = (cfg.data.global_batch_size, cfg.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh) for k in step_lib.BATCH_KEYS}
+    if t_cfg is None:
+        fn = step_lib.make_cached_step_fn(student, tx, schedule, lr_fn, **common)
+        batch["topk_logprobs"] = jax.ShapeDtypeStruct(shape + (cache_k,), jnp.float32, sharding=batch_sh)
+        batch["topk_ids"] = jax.ShapeDtypeStruct(shape + (cache_k,), jnp.int32, sharding=batch_sh)
+        return _Plan(mesh, _with(abstract_state, state_sh), {}, batch,
+                     step_lib.jit_step(fn, state_sh, {}, batch_sh, mesh, keys=step_lib.CACHED_BATCH_KEYS))
+    t_sh = state_lib.param_shardings(t_cfg, mesh, recipe, param_dtype=t_dtype)
+    teacher = Transformer(t_cfg, dtype=compute, param_dtype=t_dtype, attention=cfg.attention)
+    fn = step_lib.make_step_fn(student, teacher, tx, schedule, lr_fn, **common)
     return _Plan(mesh, _with(abstract_state, state_sh), _with(abstract_params(t_cfg, param_dtype=t_dtype), t_sh),
                  batch, step_lib.jit_step(fn, state_sh, t_sh, batch_sh, mesh))
 
@@ -247,6 +274,7 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
                              f"{topo.hosts} hosts of {topo.name} (each host reads its own rows)")
     report = Report(topology=topo, mesh=dict(zip(sharding.MESH_AXES, shape)), recipe=recipe, config=cfg)
     s_cfg, t_cfg = _models(cfg, teacher_model, report.notes)
+    cache_k = _cache_k(cfg, report.notes) if t_cfg is None else 0
     policy = resolve_policy(cfg.quant.recipe, s_cfg)
     tx = optim.make_optimizer(o)
     p_dtype = _DTYPES[o.param_dtype]
@@ -256,10 +284,10 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
                                     rng=jax.random.PRNGKey(0))
 
     abstract = jax.eval_shape(init, abstract_params(s_cfg, param_dtype=p_dtype))
-    build = lambda m: _plan(cfg, m, s_cfg, t_cfg, tx, policy, abstract)  # noqa: E731
+    build = lambda m: _plan(cfg, m, s_cfg, t_cfg, tx, policy, abstract, cache_k)  # noqa: E731
     plan = build(mesh)
     _check_dims(s_cfg, jax.tree.map(lambda a: a.sharding, plan.state.params), mesh, recipe, report.notes)
-    if t_cfg is not s_cfg:
+    if t_cfg is not None and t_cfg is not s_cfg:
         _check_dims(t_cfg, jax.tree.map(lambda a: a.sharding, plan.teacher), mesh, recipe, report.notes)
     resolution = getattr(policy, "resolution", None)
     if resolution is not None and "q4_0" in resolution.quantized().values():
@@ -278,14 +306,18 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
     report.add("student params", param_b, f"exact: shapes × shardings ({o.param_dtype} master)")
     report.add("optimizer state", opt_b, "exact: eval_shape(tx.init) × shardings (AdamW μ, ν"
                + (", accumulator)" if o.grad_accum_steps > 1 else ")"))
-    report.add("teacher params", teacher_b, f"exact: shapes × shardings ({cfg.teacher.param_dtype})")
+    report.add("teacher params", teacher_b, f"exact: shapes × shardings ({cfg.teacher.param_dtype})" if t_cfg
+               else "none: offline distillation from teacher.cache")
+    if t_cfg is None:
+        topk_b = _nbytes({k: plan.batch[k] for k in ("topk_logprobs", "topk_ids")})
+        report.add("teacher top-k inputs", topk_b, f"exact: [B, T, {cache_k}] log-probs and ids × batch sharding")
     report.add("gradients", param_b, "exact size; transient, live through the update")
     rows = plan.batch["tokens"].sharding.shard_shape(plan.batch["tokens"].shape)[0]
     geometry = preflight_memory.StepGeometry(
         rows=rows, seq_len=cfg.data.seq_len, compute_bytes=jnp.dtype(_DTYPES[o.compute_dtype]).itemsize,
         tensor=report.mesh["tensor"] if recipe != "fsdp" else 1, remat=cfg.remat, chunk=cfg.distill.chunk_size,
         gathered_layer_bytes=_gathered_layer_bytes(plan.state, mesh))
-    terms, kind = preflight_memory.estimate(s_cfg, t_cfg, geometry)
+    terms, kind = preflight_memory.estimate(s_cfg, t_cfg, geometry)  # t_cfg None: no teacher forward
     report.estimate_terms, report.rows_per_device = terms, rows
     report.add("activations + temporaries", terms["total"],
                f"estimate (remat={cfg.remat}, b={rows}, T={cfg.data.seq_len}, largest transient: {kind})")

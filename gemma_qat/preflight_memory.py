@@ -71,19 +71,21 @@ def _outside_layers(cfg: ModelConfig, g: StepGeometry) -> int:
     return bt * (3 * cfg.d_model + 2 * cfg.num_layers * cfg.ple_dim) * c
 
 
-def estimate(student: ModelConfig, teacher: ModelConfig, g: StepGeometry) -> tuple[dict[str, int], str]:
+def estimate(student: ModelConfig, teacher: ModelConfig | None, g: StepGeometry) -> tuple[dict[str, int], str]:
     """(named terms in bytes per device of the formula in the module docstring, with their `total`;
-    which transient is the largest)."""
+    which transient is the largest). teacher None: an offline run (teacher.cache), no teacher forward."""
     layers = [_layer(student, i, g) for i in range(student.num_layers)]
     pick = {"none": 0, "dots": 1, "full": 2}[g.remat]
     saved = sum(layer[pick] for layer in layers) + _outside_layers(student, g)
     a_max = max(layer[0] for layer in layers)
     backward = a_max * (1 if g.remat == "none" else 2)
-    teacher_fwd = max(_layer(teacher, i, g)[0] for i in range(teacher.num_layers)) + _outside_layers(teacher, g)
+    teacher_fwd = 0 if teacher is None else (
+        max(_layer(teacher, i, g)[0] for i in range(teacher.num_layers)) + _outside_layers(teacher, g))
     v_local = _div(student.vocab_size, g.tensor)
     loss_chunk = 6 * g.rows * min(g.chunk, g.seq_len) * v_local * 4
     transient = max(backward, teacher_fwd, loss_chunk)
-    tables = v_local * (student.d_model + teacher.d_model) * g.compute_bytes + v_local * student.d_model * 4
+    t_d = 0 if teacher is None else teacher.d_model
+    tables = v_local * (student.d_model + t_d) * g.compute_bytes + v_local * student.d_model * 4
     in_flight = 3 * g.gathered_layer_bytes
     terms = {"saved_activations": saved, "largest_transient": transient, "head_tables": tables,
              "weights_in_flight": in_flight}

@@ -130,3 +130,21 @@ def test_e4b_preset_fits():
     # AdamW μ, ν in fp32: twice the params, give or take step counts and the frozen skip_scale buffers.
     assert abs(rows["optimizer state"] - 2 * rows["student params"]) < 1024
     assert rows["teacher params"] == rows["student params"] // 2  # bf16 teacher, same shardings
+
+
+def test_offline_run_sizes_no_teacher_and_the_topk_inputs():
+    """teacher.cache: the step is the offline one (no teacher weights or forward), and its batch carries
+    [B, T, k] top-k log-probs and ids; the exact rows still add up to XLA's argument buffers."""
+    cfg = load_run_config(TINY, ["teacher.cache=/nonexistent/cache"])
+    r = run_preflight(cfg, "8xH100", cpu_compile=True)
+    assert r.ok and r.compiled is not None
+    rows = _rows(r)
+    assert rows["teacher params"] == 0
+    k = 64  # the cache-teacher default, used since the folder is not here
+    assert rows["teacher top-k inputs"] == r.rows_per_device * cfg.data.seq_len * k * (4 + 4)
+    batch = 4 * r.rows_per_device * cfg.data.seq_len * 4  # `targets` is unused offline: jit prunes it
+    exact = rows["student params"] + rows["optimizer state"] + rows["teacher top-k inputs"]
+    assert r.compiled["argument_size"] == exact + batch + 12
+    assert any("not readable here, sized with top-64" in n for n in r.notes)
+    online = run_preflight(load_run_config(TINY), "8xH100", lower=False)
+    assert _rows(online)["teacher params"] > 0
