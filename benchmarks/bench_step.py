@@ -45,8 +45,8 @@ def flops_per_token(cfg, seq: int, teacher: bool) -> float:
     # N: parameters in a matmul per token (train/metrics.py: active experts only, the tied head
     # counted once, embedding and PLE gathers excluded: a lookup does no FLOPs).
     n = matmul_params(cfg)
-    attn = sum(4 * cfg.num_heads * cfg.layer_head_dim(i) * (seq / 2 if cfg.is_global(i) else min(seq / 2, cfg.sliding_window))
-               for i in range(cfg.num_layers))  # forward QKᵀ and AV
+    keys = lambda i: seq / 2 if cfg.is_global(i) else min(seq / 2, cfg.sliding_window)  # noqa: E731
+    attn = sum(4 * cfg.num_heads * cfg.layer_head_dim(i) * keys(i) for i in range(cfg.num_layers))  # QKᵀ, AV
     return 3 * (2 * n + attn) + ((2 * n + attn) if teacher else 0)
 
 

@@ -3,10 +3,11 @@
 1. corpus + tokenizer from the Python standard library (inside the teacher run)
 2. a tiny-e2b BF16-role teacher trained from scratch (next-token cross-entropy)
 3. a Q4_0 student QAT-distilled from it (KL to the frozen teacher, fake-quant + STE)
-4. the PTQ baseline: the teacher quantized directly with the same recipe
-5. exports: Q4_0 Orbax, GGUF (llama.cpp), and mobile (teacher PTQ'd with the mobile recipe and
-   calibrated static activation scales)
-6. evaluation of teacher / PTQ / QAT / exports on held-out text, and a report folder
+4. a mobile student QAT-distilled the same way (int4/int2 weights, static int8 activations)
+5. the PTQ baseline: the teacher quantized directly with the q4_0 recipe
+6. exports: Q4_0 Orbax and GGUF (llama.cpp) of the Q4_0 student; mobile of the mobile student and of
+   the teacher PTQ'd with the mobile recipe (calibrated static activation scales), its baseline
+7. evaluation of teacher / PTQ / QAT / exports on held-out text, and a report folder
 
 Every stage writes into its own folder under the work dir and is skipped when its output exists.
 """
@@ -30,6 +31,7 @@ from pipelines.evaluate import print_table
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 TEACHER_STEPS, QAT_STEPS = 400, 200
+STAGES = 7
 
 
 class _Stage:
@@ -38,7 +40,7 @@ class _Stage:
     def __init__(self, n: int, title: str, output: Path):
         self.output, self.t0 = output, time.perf_counter()
         self.done = output.exists()
-        print(f"\n[{n}/6] {title}" + ("  (reusing " + str(output) + ")" if self.done else ""), flush=True)
+        print(f"\n[{n}/{STAGES}] {title}" + ("  (reusing " + str(output) + ")" if self.done else ""), flush=True)
 
     def finish(self):
         print(f"      {time.perf_counter() - self.t0:.1f}s → {self.output}", flush=True)
@@ -76,9 +78,20 @@ def run_demo(work: Path, *, fresh: bool = False) -> int:
             f"optimizer.total_steps={QAT_STEPS}"])
     s.finish()
 
+    mobile_dir = work / "qat-mobile" / FINAL_MODEL_DIR
+    s = _Stage(3, f"QAT: mobile student (int4/int2 weights, int8 activations) distilled ({QAT_STEPS} steps)",
+               mobile_dir)
+    if not s.done:
+        _train(work, "qat-mobile", [
+            f"model.name={teacher_dir}", f"teacher.checkpoint={teacher_dir}", "quant.recipe=mobile",
+            f"data.spec=jsonl:{data_dir / 'train.jsonl'}", f"data.tokenizer={tokenizer}", "data.seed=2",
+            "distill.alpha=0.0", "optimizer.lr=1e-4", f"optimizer.warmup_steps={min(10, QAT_STEPS // 4)}",
+            f"optimizer.total_steps={QAT_STEPS}"])
+    s.finish()
+
     config, teacher_params = load_model(teacher_dir)
     ptq_dir = work / "ptq-q4_0"
-    s = _Stage(3, "PTQ baseline: the teacher quantized directly with the q4_0 recipe", ptq_dir)
+    s = _Stage(4, "PTQ baseline: the teacher quantized directly with the q4_0 recipe", ptq_dir)
     if not s.done:
         res = resolve(get_recipe("q4_0", config), config)
         save_model(ptq_dir, dequantized_params(config, teacher_params, res), config,
@@ -86,19 +99,19 @@ def run_demo(work: Path, *, fresh: bool = False) -> int:
     s.finish()
 
     exports = work / "exports"
-    s = _Stage(4, "exports: Q4_0 Orbax, GGUF, mobile", exports / "done.json")
+    s = _Stage(5, "exports: Q4_0 Orbax, GGUF, mobile (QAT student and PTQ teacher)", exports / "done.json")
     if not s.done:
-        _exports(work, exports, qat_dir, teacher_dir, tokenizer, data_dir)
+        _exports(work, exports, qat_dir, mobile_dir, teacher_dir, tokenizer, data_dir)
         (exports / "done.json").write_text(json.dumps({"ok": True}))
     s.finish()
 
     report = work / "report"
-    s = _Stage(5, "evaluation on held-out text (teacher, PTQ, QAT, exports)", report / "results.json")
+    s = _Stage(6, "evaluation on held-out text (teacher, PTQ, QAT, exports)", report / "results.json")
     if not s.done:
         _evaluate(work, report, tokenizer, data_dir / "valid.jsonl")
     s.finish()
 
-    print("\n[6/6] summary (held-out Python stdlib text; KL and top-1 against the teacher)")
+    print(f"\n[{STAGES}/{STAGES}] summary (held-out Python stdlib text; KL and top-1 against the teacher)")
     print_table(json.loads((report / "results.json").read_text()))
     print(f"\nreport: {report / 'report.md'} (plots beside it)")
     return 0
@@ -108,7 +121,7 @@ def _evaluate(work: Path, report: Path, tokenizer: Path, valid: Path) -> None:
     """`gemma-qat eval` on the demo's artifacts: the same code path a user runs."""
     exports = work / "exports"
     candidates = [f"qat-q4_0={work / 'qat' / FINAL_MODEL_DIR}", f"export-q4_0={exports / 'student-q4_0'}",
-                  f"mobile-ptq={exports / 'teacher-mobile'}"]
+                  f"mobile-ptq={exports / 'teacher-mobile'}", f"mobile-qat={exports / 'student-mobile'}"]
     try:
         import llama_cpp  # noqa: F401  (optional: the GGUF row needs llama.cpp)
         candidates.append(f"gguf-q4_0={exports / 'student-q4_0.gguf'}")
@@ -123,7 +136,8 @@ def _evaluate(work: Path, report: Path, tokenizer: Path, valid: Path) -> None:
     args.fn(args)
 
 
-def _exports(work: Path, exports: Path, qat_dir: Path, teacher_dir: Path, tokenizer: Path, data_dir: Path):
+def _exports(work: Path, exports: Path, qat_dir: Path, mobile_dir: Path, teacher_dir: Path, tokenizer: Path,
+             data_dir: Path):
     from gemma_qat.data import Tokenizer, make_eval_batches
     from gemma_qat.export.common import load_student, save_quant_scales
     from gemma_qat.export.gguf import export_gguf
@@ -134,6 +148,7 @@ def _exports(work: Path, exports: Path, qat_dir: Path, teacher_dir: Path, tokeni
     export_q4_0(qat_dir, exports / "student-q4_0", tokenizer=tokenizer, force=True)
     config, params, res, _ = load_student(qat_dir)
     export_gguf(config, params, res, exports / "student-q4_0.gguf", tokenizer=tokenizer, force=True)
+    export_mobile(mobile_dir, exports / "student-mobile", tokenizer=tokenizer, force=True)
 
     # Mobile: the teacher PTQ'd with the mobile recipe, activation scales calibrated on training text.
     config, t_params = load_model(teacher_dir)

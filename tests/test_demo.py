@@ -15,13 +15,14 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch, capsys):
     assert demo.run_demo(tmp_path) == 0
     for path in ("teacher/model/model_config.json", "qat/model/meta.json", "ptq-q4_0/params",
                  "exports/student-q4_0/export.json", "exports/student-q4_0.gguf",
-                 "exports/teacher-mobile/export.json", "report/report.md", "report/ptq_vs_qat.png"):
+                 "qat-mobile/model/quant_scales.json", "exports/teacher-mobile/export.json",
+                 "exports/student-mobile/export.json", "report/report.md", "report/ptq_vs_qat.png"):
         assert (tmp_path / path).exists(), path
     rows = {r["name"]: r for r in json.loads((tmp_path / "report" / "results.json").read_text())["rows"]}
-    assert {"teacher", "ptq-q4_0", "qat-q4_0", "export-q4_0", "mobile-ptq"} <= set(rows)
+    assert {"teacher", "ptq-q4_0", "qat-q4_0", "export-q4_0", "mobile-ptq", "mobile-qat"} <= set(rows)
     # The exported Q4_0 file holds exactly the trained student.
     assert rows["export-q4_0"]["ppl"] == rows["qat-q4_0"]["ppl"]
     assert rows["export-q4_0"]["kl_mean"] == rows["qat-q4_0"]["kl_mean"]
     capsys.readouterr()
     assert demo.run_demo(tmp_path) == 0
-    assert capsys.readouterr().out.count("(reusing") == 5
+    assert capsys.readouterr().out.count("(reusing") == 6

@@ -50,8 +50,9 @@ def attend(q: Array, key: Array, value: Array, mask: Array, segment_ids: Array |
     impl "xla": einsum logits in fp32, masked softmax, einsum with V; materialises [B, K, G, T, S].
     impl "cudnn": cuDNN's fused flash attention (GPU, bf16/fp16, head dim ≤ 256, self-attention with
     S = T): causal and the sliding window are cuDNN's own masks, and packed documents (segment_ids
-    given; None means one document per row) enter as an additive bias built from the segment rule. "auto" takes cudnn where
-    it applies (a GPU backend, head dim and dtype supported, S = T) and xla elsewhere."""
+    given; None means one document per row) enter as an additive bias built from the segment rule.
+    "auto" takes cudnn where it applies (a GPU backend, head dim and dtype supported, S = T), xla
+    elsewhere."""
     if impl == "auto":
         ok = (jax.default_backend() == "gpu" and q.shape[-1] <= CUDNN_MAX_HEAD_DIM and q.shape[-1] % 8 == 0
               and q.dtype in (jnp.bfloat16, jnp.float16) and key.shape[1] == q.shape[1])
