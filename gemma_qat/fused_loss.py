@@ -26,8 +26,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 Array = jax.Array
+# Under a mesh (sharding.activate) the accumulated dL/dE is pinned to the table's own layout, so the
+# [V, D] fp32 carry is sharded like the table whatever XLA's propagation would pick.
+_TABLE_AXES = ("vocab", "embed")
 _NEG = -1e30  # finite stand-in for −inf (as distill.py): masked logsumexp stays finite
 
 
@@ -127,11 +131,12 @@ def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce:
         dz = dz.astype(e.dtype)  # bf16 operands for both gradient GEMMs, fp32 accumulation
         dh = jnp.einsum("bcv,vd->bcd", dz, e, preferred_element_type=jnp.float32)
         d_table = d_table + jnp.einsum("bcv,bcd->vd", dz, hc, preferred_element_type=jnp.float32)
-        return (d_table, sums), dh
+        d_table = nn.with_logical_constraint(d_table, _TABLE_AXES)
+        return (d_table, sums), nn.with_logical_constraint(dh, ("act_batch", None, "act_embed"))
 
     keys = ("tokens",) + (("ce",) if kind != "topk" else ()) + (("kl", "agree") if kind != "ce" else ())
     sums0 = {k: jnp.zeros((), jnp.float32) for k in keys}
-    d0 = jnp.zeros(table.shape, jnp.float32) if grads else jnp.zeros((), jnp.float32)
+    d0 = nn.with_logical_constraint(jnp.zeros(table.shape, jnp.float32), _TABLE_AXES) if grads else jnp.zeros(())
     xs = (_split(sh, c, n), _split(labels, c, n), _split(w, c, n)) + t_xs
     (d_table, sums), dh = jax.lax.scan(body, (d0, sums0), xs)
     if grads:  # stored in the primal dtypes: the backward only scales them

@@ -56,3 +56,15 @@ def test_run_config_validates_attention():
     assert RunConfig().attention == "auto"
     with pytest.raises(ValueError, match="attention='flash' must be one of"):
         RunConfig(attention="flash")
+
+
+def test_auto_falls_back_when_cudnn_refuses(monkeypatch):
+    """On a GPU where cuDNN is missing or refuses the shape (head dim 256 before Hopper), "auto" takes
+    the XLA path instead of failing; asking for "cudnn" explicitly still raises."""
+    q, k, v = _qkv(1, 8, 2, 1, 16)
+    q, k, v = (a.astype(jnp.bfloat16) for a in (q, k, v))
+    mask = attention_mask(jnp.ones((1, 8), jnp.int32), 4)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # CPU has no cuDNN: jax refuses at trace time
+    np.testing.assert_array_equal(attend(q, k, v, mask, None, 4, impl="auto"), attend(q, k, v, mask, None, 4))
+    with pytest.raises((RuntimeError, NotImplementedError, ValueError)):
+        attend(q, k, v, mask, None, 4, impl="cudnn")

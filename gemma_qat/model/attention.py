@@ -56,7 +56,12 @@ def attend(q: Array, key: Array, value: Array, mask: Array, segment_ids: Array |
     if impl == "auto":
         ok = (jax.default_backend() == "gpu" and q.shape[-1] <= CUDNN_MAX_HEAD_DIM and q.shape[-1] % 8 == 0
               and q.dtype in (jnp.bfloat16, jnp.float16) and key.shape[1] == q.shape[1])
-        impl = "cudnn" if ok else "xla"
+        if ok:
+            try:  # jax checks cuDNN's presence, version and this GPU's limits (e.g. H ≤ 128 before Hopper)
+                return fused_sdpa(q, key, value, segment_ids, window, implementation="cudnn")
+            except (RuntimeError, NotImplementedError, ValueError):
+                pass
+        impl = "xla"
     if impl == "cudnn":
         return fused_sdpa(q, key, value, segment_ids, window, implementation="cudnn")
     if impl != "xla":
