@@ -3,10 +3,14 @@ training, QAT without a teacher and QAT with an online BF16 teacher, on identica
 
     python benchmarks/bench_step.py --config bench-1b --batch 2 --seq 2048          # all modes
     python benchmarks/bench_step.py --config e2b --freeze-embeddings --remat full
+    python benchmarks/bench_step.py --config 26b-a4b-4l --freeze-embeddings --remat full
+    python benchmarks/bench_step.py --modes qat+teacher --profile /tmp/prof   # + per-kernel breakdown
 
 Each mode runs in its own process so peak memory is per mode. MFU follows shared/bench/README.md:
 (6·N + attention) per token for the student, plus (2·N + attention/3) for an online teacher,
-against --peak FLOP/s (989e12: H100 SXM dense bf16).
+against --peak FLOP/s (989e12: H100 SXM dense bf16); N counts matmul parameters only.
+Compilation is mostly XLA autotuning: XLA_FLAGS=--xla_gpu_per_fusion_autotune_cache_dir=DIR keeps its
+results, so a later run with the same DIR compiles in a fraction of the time.
 """
 
 from __future__ import annotations
