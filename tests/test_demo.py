@@ -20,6 +20,8 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch, capsys):
         assert (tmp_path / path).exists(), path
     rows = {r["name"]: r for r in json.loads((tmp_path / "report" / "results.json").read_text())["rows"]}
     assert {"teacher", "ptq-q4_0", "qat-q4_0", "export-q4_0", "mobile-ptq", "mobile-qat"} <= set(rows)
+    # The mobile export of the PTQ'd teacher is the mobile baseline: the mobile student's recovery is against it.
+    assert rows["mobile-ptq"]["kind"] == "ptq" and rows["mobile-qat"]["recovery_vs"] == "mobile-ptq"
     # The exported Q4_0 file holds exactly the trained student.
     assert rows["export-q4_0"]["ppl"] == rows["qat-q4_0"]["ppl"]
     assert rows["export-q4_0"]["kl_mean"] == rows["qat-q4_0"]["kl_mean"]

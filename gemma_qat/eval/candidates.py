@@ -126,22 +126,26 @@ def from_checkpoint(name: str, path, *, recipe: str | None = None, dtype=jnp.flo
 
 
 def from_export(name: str, path, *, dtype=jnp.float32) -> Candidate:
-    """A gemma-qat Orbax export (Q4_0 or mobile), dequantized by its own loader."""
-    fmt = json.loads((Path(path) / "export.json").read_text()).get("format")
+    """A gemma-qat Orbax export (Q4_0 or mobile), dequantized by its own loader. An export made from a
+    PTQ checkpoint is that format's PTQ baseline: its kind is "ptq", so QAT rows of the same recipe
+    get their recovery against it."""
+    info = json.loads((Path(path) / "export.json").read_text())
+    fmt = info.get("format")
+    ptq = (info.get("source") or {}).get("kind") == "ptq"
     if fmt == "gemma-qat/q4_0":
         from gemma_qat.export.orbax_q4_0 import load_q4_0
 
         config, params = load_q4_0(path)
-        info = json.loads((Path(path) / "export.json").read_text())
         # Q4_0 has no activation quantization: the dequantized weights are the whole student
-        return jax_candidate(name, "q4_0", str(path), config, params, recipe=info["recipe"]["name"], dtype=dtype)
+        return jax_candidate(name, "ptq" if ptq else "q4_0", str(path), config, params,
+                             recipe=info["recipe"]["name"], dtype=dtype)
     if fmt == "gemma-qat/mobile":
         from gemma_qat.export.mobile import load_mobile
 
         config, params, scales, res = load_mobile(path)
         # the policy re-applies the int8 activation fake-quant; its weight fake-quant is idempotent
-        return jax_candidate(name, "mobile", str(path), config, params, quant=RecipePolicy(res), quant_scales=scales,
-                             recipe=res.recipe.name, dtype=dtype)
+        return jax_candidate(name, "ptq" if ptq else "mobile", str(path), config, params, quant=RecipePolicy(res),
+                             quant_scales=scales, recipe=res.recipe.name, dtype=dtype)
     raise ValueError(f"candidate {name!r}: {path} holds export format {fmt!r}; evaluation reads "
                      "gemma-qat/q4_0 and gemma-qat/mobile exports (and GGUF files)")
 
