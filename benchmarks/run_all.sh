@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole BENCHMARKS.md matrix in one go on one GPU: bench-1b (all modes, profiled), E2B full size and
+# 26B-A4B at 4 layers, then the PyTorch peer on bench-1b, on the same card in the same run.
+#
+#   bash benchmarks/run_all.sh OUT_DIR [PEER_SCRIPT]      # PEER_SCRIPT: shared/bench/peer_torchao_qat.py
+#
+# XLA's autotuning is most of each compile; AUTOTUNE_CACHE (default OUT_DIR/autotune) keeps its results,
+# so a second run, or one after a small change, compiles in a fraction of the time. Each step has its own
+# time limit (STEP_TIMEOUT seconds, default 600) so one slow compile cannot eat the others; PYTHON picks
+# the interpreter (default python3).
+set -uo pipefail
+out=${1:?usage: run_all.sh OUT_DIR [PEER_SCRIPT]}
+peer=${2:-}
+mkdir -p "$out"
+cache=${AUTOTUNE_CACHE:-$out/autotune}
+mkdir -p "$cache"
+export PYTHONUNBUFFERED=1 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_per_fusion_autotune_cache_dir=$cache"
+limit=${STEP_TIMEOUT:-600}
+py=${PYTHON:-python3}
+here=$(cd "$(dirname "$0")" && pwd)
+
+run() {  # name, then bench_step.py arguments
+  local name=$1; shift
+  echo "== $name: $*"
+  timeout "$limit" "$py" "$here/bench_step.py" "$@" 2>&1 | tee "$out/$name.txt" | grep -v '^  '
+}
+
+run bench-1b --config bench-1b --batch 2 --seq 2048 --steps 6 --profile "$out/profile"
+run e2b --config e2b --freeze-embeddings --remat full --steps 4
+run 26b-a4b-4l --config 26b-a4b-4l --freeze-embeddings --remat full --steps 4
+if [[ -n "$peer" ]]; then
+  echo "== peer: $peer"
+  timeout "$limit" "$py" "$peer" --config bench-1b --batch 2 --seq 2048 --steps 6 2>&1 | tee "$out/peer.txt" \
+    | grep -E '^(plain|qat|PEER)'
+fi
+grep -h '^JSON ' "$out"/*.txt | sed 's/^JSON //' > "$out/results.jsonl"
+echo "rows: $out/results.jsonl"
