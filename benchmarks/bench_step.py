@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pathlib
 import statistics
 import subprocess
 import sys
@@ -109,9 +110,7 @@ def run_mode(args) -> dict:
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times[1:] if len(times) > 2 else times)
     if args.profile:
-        import pathlib
-        import sys as _sys
-        _sys.path.insert(0, str(pathlib.Path(__file__).parent))
+        sys.path.insert(0, str(pathlib.Path(__file__).parent))
         from trace_summary import summarise
         pdir = f"{args.profile}/{mode.replace('+', '_')}"
         with jax.profiler.trace(pdir, create_perfetto_trace=True):
@@ -120,7 +119,7 @@ def run_mode(args) -> dict:
             loss.block_until_ready()
         summary = summarise(pdir, steps=2, hlo_text=step.as_text())
         pathlib.Path(f"{pdir}.txt").write_text(summary)
-        print(summary, file=_sys.stderr, flush=True)
+        print(summary, file=sys.stderr, flush=True)
     tok_s = b * t / dt
     stats = jax.devices()[0].memory_stats() or {}
     return {"config": cfg.name, "mode": mode, "batch": b, "seq": t, "remat": args.remat, "attention": args.attention,

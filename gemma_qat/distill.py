@@ -29,23 +29,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gemma_qat.fused_loss import fused_ce_loss, fused_distill_loss, fused_topk_loss
+# The head's logits and the chunk helpers live in fused_loss.py (both paths use them); logits_from_hidden
+# stays importable from here for eval and generate.
+from gemma_qat.fused_loss import (NEG, chunk_geometry, fused_ce_loss, fused_distill_loss, fused_topk_loss,
+                                  logits_from_hidden, split_chunks)
 
 Array = jax.Array
 Scalar = Any  # Python float or traced jnp scalar
-# Finite stand-in for -inf when masking logits: keeps logsumexp and its
-# gradient finite even if every entry is masked (k == V in the top-k loss).
-_NEG = -1e30
-
-
-def logits_from_hidden(h: Array, embed: Array, *, softcap: float | None) -> Array:
-    """fp32 logits = softcap(h @ embed^T); h [..., D] any float, embed [V, D] (cast to h's dtype, as
-    the model's own head does: bf16 operands, fp32 accumulation, never an fp32 GEMM on bf16 h)."""
-    z = jnp.einsum("...d,vd->...v", h, embed.astype(h.dtype), preferred_element_type=jnp.float32)  # [..., V]
-    z = z.astype(jnp.float32)  # einsum may keep an fp64/other input dtype; pin fp32
-    if softcap is not None:
-        z = softcap * jnp.tanh(z / softcap)
-    return z
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -77,27 +67,13 @@ def _weights(mask: Array | None, bt: tuple[int, int]) -> Array:
     return mask.astype(jnp.float32)  # [B, T]
 
 
-def _split(x: Array, c: int, n: int) -> Array:
-    """[B, T, ...] -> [n, B, c, ...], zero-padding T up to n * c."""
-    pad = n * c - x.shape[1]
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape(x.shape[0], n, c, *x.shape[2:]), 1, 0)
-
-
-def _chunk_geometry(t: int, chunk_size: int) -> tuple[int, int]:
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    c = min(chunk_size, t)  # a short sequence is one chunk, no padding
-    return c, -(-t // c)
-
-
 def _map_chunks(body: Callable, xs: tuple[Array, ...], chunk_size: int, *, remat: bool):
     """Apply body to each [B, c, ...] chunk of the [B, T, ...] arrays xs; stacked outputs."""
-    c, n = _chunk_geometry(xs[0].shape[1], chunk_size)
+    c, n = chunk_geometry(xs[0].shape[1], chunk_size)
     # prevent_cse=False is the documented-safe setting inside scan and avoids
     # optimisation barriers; remat makes backward recompute [B, c, V] logits.
     f = jax.checkpoint(body, prevent_cse=False) if remat else body
-    return jax.lax.map(f, tuple(_split(x, c, n) for x in xs))
+    return jax.lax.map(f, tuple(split_chunks(x, c, n) for x in xs))
 
 
 def _token_terms(s_logits: Array, t_logits: Array, labels: Array | None,
@@ -279,7 +255,7 @@ def topk_distill_loss(student_h: Array, student_embed: Array, teacher_topk_logpr
         log_q = jnp.take_along_axis(zt, ids, -1) - lse[..., None]  # [B, c, k]
         kl = jnp.sum(jnp.exp(lp_t) * (lp_t - log_q), -1)  # [B, c]
         if k < v:  # k == V: bucket is empty by construction; r is only rounding noise
-            z_rest = jnp.put_along_axis(zt, ids, _NEG, axis=-1, inplace=False)  # [B, c, V]
+            z_rest = jnp.put_along_axis(zt, ids, NEG, axis=-1, inplace=False)  # [B, c, V]
             log_q_rest = jax.nn.logsumexp(z_rest, axis=-1) - lse  # [B, c]
             r = jnp.clip(1.0 - jnp.sum(jnp.exp(lp_t), -1), 0.0, 1.0)  # [B, c]
             r_safe = jnp.where(r > 0, r, 1.0)  # 0 * log 0 := 0 without NaN grads

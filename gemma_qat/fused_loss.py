@@ -29,21 +29,37 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 Array = jax.Array
+# Finite stand-in for −inf when masking logits: keeps logsumexp and its gradient finite even if every
+# entry is masked (k == V in the top-k loss).
+NEG = -1e30
 # Under a mesh (sharding.activate) the accumulated dL/dE is pinned to the table's own layout, so the
 # [V, D] fp32 carry is sharded like the table whatever XLA's propagation would pick.
 _TABLE_AXES = ("vocab", "embed")
-_NEG = -1e30  # finite stand-in for −inf (as distill.py): masked logsumexp stays finite
 
 
-def _split(x: Array, c: int, n: int) -> Array:
+def logits_from_hidden(h: Array, embed: Array, *, softcap: float | None) -> Array:
+    """fp32 logits = softcap(h @ embed^T); h [..., D] any float, embed [V, D] (cast to h's dtype, as
+    the model's own head does: bf16 operands, fp32 accumulation, never an fp32 GEMM on bf16 h)."""
+    z = jnp.einsum("...d,vd->...v", h, embed.astype(h.dtype), preferred_element_type=jnp.float32)  # [..., V]
+    z = z.astype(jnp.float32)  # einsum may keep an fp64/other input dtype; pin fp32
+    if softcap is not None:
+        z = softcap * jnp.tanh(z / softcap)
+    return z
+
+
+def chunk_geometry(t: int, chunk_size: int) -> tuple[int, int]:
+    """(chunk length c, number of chunks n) for a sequence of t tokens."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    c = min(chunk_size, t)  # a short sequence is one chunk, no padding
+    return c, -(-t // c)
+
+
+def split_chunks(x: Array, c: int, n: int) -> Array:
     """[B, T, ...] → [n, B, c, ...], zero-padding T up to n·c (padded tokens get weight 0)."""
     pad = n * c - x.shape[1]
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return jnp.moveaxis(x.reshape(x.shape[0], n, c, *x.shape[2:]), 1, 0)
-
-
-def _softcap(z: Array, cap: float | None) -> Array:
-    return z if not cap else cap * jnp.tanh(z / cap)
 
 
 def _ce_terms(s, labels, scale, with_ce: bool):
@@ -75,7 +91,7 @@ def _topk_terms(s, lp, ids, temp, scale):
     p_hat = jnp.put_along_axis(jnp.zeros_like(zt), ids, p, axis=-1, inplace=False)
     g = psum[..., None] * q - p_hat
     if ids.shape[-1] < s.shape[-1]:  # k == V: the bucket is empty by construction
-        z_rest = jnp.put_along_axis(zt, ids, _NEG, axis=-1, inplace=False)
+        z_rest = jnp.put_along_axis(zt, ids, NEG, axis=-1, inplace=False)
         lse_rest = jax.nn.logsumexp(z_rest, axis=-1)
         r = jnp.clip(1.0 - psum, 0.0, 1.0)
         r_safe = jnp.where(r > 0, r, 1.0)  # 0 · log 0 := 0
@@ -89,8 +105,7 @@ def _topk_terms(s, lp, ids, temp, scale):
 def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce: bool, chunk: int, grads: bool):
     """Loss sums (and with `grads`, dL/dh [B, T, D] and dL/dE [V, D]) over chunks of T."""
     b, t, d = sh.shape
-    c = min(chunk, t)
-    n = -(-t // c)
+    c, n = chunk_geometry(t, chunk)
     tokens = jnp.sum(w, dtype=jnp.float32)
     denom = jnp.where(tokens > 0, tokens, 1.0)
     g_kl = (1.0 - alpha) * temp / denom  # T² (Hinton) × 1/T (d(s/T)/ds), per unit token weight
@@ -99,26 +114,26 @@ def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce:
     if kind == "kl":
         th, t_table = teacher
         te = t_table.astype(th.dtype)
-        t_xs = (_split(th, c, n),)
+        t_xs = (split_chunks(th, c, n),)
     elif kind == "topk":
-        t_xs = tuple(_split(a, c, n) for a in teacher)  # log-probs, ids [n, B, c, k]
+        t_xs = tuple(split_chunks(a, c, n) for a in teacher)  # log-probs, ids [n, B, c, k]
     else:
         t_xs = ()
 
     def body(carry, xs):
         d_table, sums = carry
         hc, lbc, wc, *tc = xs  # [B, c, D], [B, c], [B, c], teacher chunks
-        s = _softcap(jnp.einsum("bcd,vd->bcv", hc, e, preferred_element_type=jnp.float32), cap)  # [B, c, V]
+        s = logits_from_hidden(hc, e, softcap=cap)  # [B, c, V]
         new = {"tokens": jnp.sum(wc)}
         ds = 0.0
         if kind != "topk":
             ce, ds = _ce_terms(s, lbc, g_ce, with_ce)
             new["ce"] = jnp.sum(ce * wc)
         if kind == "kl":
-            tz = _softcap(jnp.einsum("bcd,vd->bcv", tc[0], te, preferred_element_type=jnp.float32), cap)
+            tz = logits_from_hidden(tc[0], te, softcap=cap)
             kl, agree, ds_kl = _kl_terms(s, tz, temp, g_kl)
         elif kind == "topk":
-            kl, agree, ds_kl = _topk_terms(s, tc[0].astype(jnp.float32), tc[1], temp, temp / denom)
+            kl, agree, ds_kl = _topk_terms(s, tc[0].astype(jnp.float32), tc[1], temp, g_kl)  # α = 0
         if kind != "ce":
             new["kl"], new["agree"] = jnp.sum(kl * wc), jnp.sum(agree * wc)
             ds = ds + ds_kl
@@ -126,7 +141,7 @@ def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce:
         if not grads:
             return (d_table, sums), None
         dz = ds * wc[..., None]
-        if cap:
+        if cap is not None:
             dz = dz * (1.0 - jnp.square(s / cap))
         dz = dz.astype(e.dtype)  # bf16 operands for both gradient GEMMs, fp32 accumulation
         dh = jnp.einsum("bcv,vd->bcd", dz, e, preferred_element_type=jnp.float32)
@@ -137,7 +152,7 @@ def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce:
     keys = ("tokens",) + (("ce",) if kind != "topk" else ()) + (("kl", "agree") if kind != "ce" else ())
     sums0 = {k: jnp.zeros((), jnp.float32) for k in keys}
     d0 = nn.with_logical_constraint(jnp.zeros(table.shape, jnp.float32), _TABLE_AXES) if grads else jnp.zeros(())
-    xs = (_split(sh, c, n), _split(labels, c, n), _split(w, c, n)) + t_xs
+    xs = (split_chunks(sh, c, n), split_chunks(labels, c, n), split_chunks(w, c, n)) + t_xs
     (d_table, sums), dh = jax.lax.scan(body, (d0, sums0), xs)
     if grads:  # stored in the primal dtypes: the backward only scales them
         dh = jnp.moveaxis(dh, 0, 1).reshape(b, n * c, d)[:, :t].astype(sh.dtype)  # [B, T, D]

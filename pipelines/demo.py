@@ -53,6 +53,15 @@ def _train(work: Path, stage: str, overrides: list[str]) -> Path:
     return work / stage / FINAL_MODEL_DIR
 
 
+def _distill(work: Path, stage: str, recipe: str, teacher_dir: Path, data_dir: Path, tokenizer: Path, *, seed: int):
+    """A QAT student of `recipe` KL-distilled from the frozen teacher on the teacher's own training text."""
+    _train(work, stage, [
+        f"model.name={teacher_dir}", f"teacher.checkpoint={teacher_dir}", f"quant.recipe={recipe}",
+        f"data.spec=jsonl:{data_dir / 'train.jsonl'}", f"data.tokenizer={tokenizer}", f"data.seed={seed}",
+        "distill.alpha=0.0", "optimizer.lr=1e-4", f"optimizer.warmup_steps={min(10, QAT_STEPS // 4)}",
+        f"optimizer.total_steps={QAT_STEPS}"])
+
+
 def run_demo(work: Path, *, fresh: bool = False) -> int:
     if fresh and work.exists():
         shutil.rmtree(work)
@@ -71,22 +80,14 @@ def run_demo(work: Path, *, fresh: bool = False) -> int:
     qat_dir = work / "qat" / FINAL_MODEL_DIR
     s = _Stage(2, f"QAT: Q4_0 student distilled from the frozen teacher ({QAT_STEPS} steps)", qat_dir)
     if not s.done:
-        _train(work, "qat", [
-            f"model.name={teacher_dir}", f"teacher.checkpoint={teacher_dir}", "quant.recipe=q4_0",
-            f"data.spec=jsonl:{data_dir / 'train.jsonl'}", f"data.tokenizer={tokenizer}", "data.seed=1",
-            "distill.alpha=0.0", "optimizer.lr=1e-4", f"optimizer.warmup_steps={min(10, QAT_STEPS // 4)}",
-            f"optimizer.total_steps={QAT_STEPS}"])
+        _distill(work, "qat", "q4_0", teacher_dir, data_dir, tokenizer, seed=1)
     s.finish()
 
     mobile_dir = work / "qat-mobile" / FINAL_MODEL_DIR
     s = _Stage(3, f"QAT: mobile student (int4/int2 weights, int8 activations) distilled ({QAT_STEPS} steps)",
                mobile_dir)
     if not s.done:
-        _train(work, "qat-mobile", [
-            f"model.name={teacher_dir}", f"teacher.checkpoint={teacher_dir}", "quant.recipe=mobile",
-            f"data.spec=jsonl:{data_dir / 'train.jsonl'}", f"data.tokenizer={tokenizer}", "data.seed=2",
-            "distill.alpha=0.0", "optimizer.lr=1e-4", f"optimizer.warmup_steps={min(10, QAT_STEPS // 4)}",
-            f"optimizer.total_steps={QAT_STEPS}"])
+        _distill(work, "qat-mobile", "mobile", teacher_dir, data_dir, tokenizer, seed=2)
     s.finish()
 
     config, teacher_params = load_model(teacher_dir)

@@ -45,13 +45,13 @@ def grouped_matmul(x: Array, w: Array, group_sizes: Array, *, impl: str = "auto"
     nb = -(-m // block) + g
     sizes = group_sizes.astype(jnp.int32)
     blocks = (sizes + block - 1) // block  # [G] blocks per group
-    first_block = jnp.cumsum(blocks) - blocks  # [G] exclusive prefix sums
-    first_row = jnp.cumsum(sizes) - sizes
+    row_end, block_end = jnp.cumsum(sizes), jnp.cumsum(blocks)  # [G] inclusive prefix sums
     rows = jnp.arange(m, dtype=jnp.int32)
-    row_group = jnp.searchsorted(jnp.cumsum(sizes), rows, side="right")  # [M]
+    row_group = jnp.searchsorted(row_end, rows, side="right")  # [M]
+    first_row, first_block = row_end - sizes, block_end - blocks  # [G] exclusive prefix sums
     slot = first_block[row_group] * block + rows - first_row[row_group]  # [M] padded position
     xp = jnp.zeros((nb * block, k), x.dtype).at[slot].set(x, unique_indices=True)
-    block_group = jnp.searchsorted(jnp.cumsum(blocks), jnp.arange(nb, dtype=jnp.int32), side="right")
+    block_group = jnp.searchsorted(block_end, jnp.arange(nb, dtype=jnp.int32), side="right")
     wb = w[jnp.minimum(block_group, g - 1)]  # [nb, K, N]; blocks past the last used one hold zero rows
     yp = jnp.einsum("nbk,nkf->nbf", xp.reshape(nb, block, k), wb, preferred_element_type=preferred_element_type)
     return yp.reshape(nb * block, n)[slot]  # [M, N]
