@@ -1,5 +1,6 @@
 """The blocked grouped matmul (the MoE experts' path off TPU) against jax.lax.ragged_dot: values and
-gradients, uneven and empty groups, and memory that does not grow as groups × rows."""
+gradients, uneven and empty groups, and memory that does not grow as groups × rows; the Hopper kernel
+path's gradient algebra and when `auto` picks it."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from gemma_qat.model.config import get_config
+from gemma_qat.model import grouped_matmul as GM
 from gemma_qat.model.grouped_matmul import grouped_matmul
 from gemma_qat.model.layers import NoQuant
 from gemma_qat.model.moe import MoE
@@ -65,3 +67,47 @@ def test_moe_layer_same_with_either_grouped_impl():
         outs[impl] = (y, vjp(jnp.ones_like(y)))
     flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)])
     np.testing.assert_allclose(flat(outs["blocked"]), flat(outs["ragged"]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_vjp_algebra_with_reference_kernels(dtype):
+    """The Hopper kernels' custom VJP (dx through the transposed-weight product, dw through the per-group
+    transposed product), run with lax.ragged_dot stand-ins: equals autodiff of ragged_dot."""
+    sizes = [5, 0, 17, 1, 9, 0]
+    m, k, n = sum(sizes), 16, 8
+    ks = jax.random.split(jax.random.PRNGKey(3), 3)
+    x = jax.random.normal(ks[0], (m, k)).astype(dtype)
+    w = jax.random.normal(ks[1], (len(sizes), k, n)).astype(dtype)
+    ct = jax.random.normal(ks[2], (m, n)).astype(dtype)
+    gs = jnp.array(sizes, jnp.int32)
+    got, vjp = jax.vjp(lambda x, w: GM.kernel_grouped_matmul(x, w, gs, GM.reference_kernels()), x, w)
+    ref, vjp_ref = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w, gs, preferred_element_type=jnp.float32)
+                           .astype(dtype), x, w)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for a, b in ((got, ref), *zip(vjp(ct), vjp_ref(ct))):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+    assert np.abs(np.asarray(vjp(ct)[1], np.float32)[np.array(sizes) == 0]).max() == 0
+
+
+def test_auto_picks_the_kernels_only_on_one_hopper_gpu(monkeypatch):
+    class Dev:
+        def __init__(self, cc):
+            self.compute_capability = cc
+
+    def world(backend, count=1, cc="9.0"):
+        monkeypatch.setattr(GM.jax, "default_backend", lambda: backend)
+        monkeypatch.setattr(GM.jax, "device_count", lambda: count)
+        monkeypatch.setattr(GM.jax, "devices", lambda: [Dev(cc)] * count)
+
+    world("tpu")
+    assert GM.auto_impl(2816, 1408) == "ragged"
+    world("cpu")
+    assert GM.auto_impl(2816, 1408) == "blocked"
+    world("gpu")
+    assert GM.auto_impl(2816, 1408) == "kernel" and GM.auto_impl(704, 2816) == "kernel"
+    assert GM.auto_impl(2816, 1400) == "blocked"  # N not a multiple of the 64-wide tiles
+    world("gpu", count=8)
+    assert GM.auto_impl(2816, 1408) == "blocked"  # the SPMD partitioner cannot split a Pallas call
+    world("gpu", cc="8.0")
+    assert GM.auto_impl(2816, 1408) == "blocked"  # the kernels use Hopper's wgmma

@@ -100,6 +100,23 @@ def test_ties_case_discriminates_fma():
     assert (two != fma).sum() > 20
 
 
+def test_first_absmax_is_the_argmax_rule():
+    """The knockout block max equals argmax(|x|) + take (first on ties) bit for bit: small-integer
+    blocks tie often, in both signs; -0.0 blocks keep their sign bit; a NaN reaches the result."""
+    r = _rng(5)
+    x = r.integers(-6, 7, (3000, 32)).astype(np.float32)
+    x[::7] = 0.0
+    x[::7, 3] = -0.0
+    x[5] = -0.0
+    x = np.concatenate([x, r.standard_normal((1000, 32)).astype(np.float32)])
+    x[11, 4] = np.nan
+    ref = np.take_along_axis(x, np.abs(x).argmax(-1)[:, None], -1)[:, 0]
+    got = np.asarray(jax.jit(F._first_absmax)(jnp.asarray(x)))
+    assert np.isnan(got[11]) and np.isnan(ref[11])
+    keep = ~np.isnan(ref)
+    np.testing.assert_array_equal(got[keep].view(np.uint32), ref[keep].view(np.uint32))
+
+
 def test_q4_0_bf16_input():
     w = (_rng(2).standard_normal((64, 512)) * 0.02).astype(BF16)
     raw_ref, deq_ref = _gguf(w.astype(np.float32))  # gguf/llama.cpp convert bf16 -> f32 first

@@ -17,27 +17,49 @@ their expert's weights, gathered per block:
 Padding costs at most G · (block − 1) extra rows; the weight gather moves nb · K · N elements, which
 is bounded by (M / block + G) expert matrices, not by G · M. Autodiff gives the backward: a gather for
 dx and a segment-sum of the per-block weight gradients for dw.
+
+At 26B-A4B shapes that bound is still about 3 gathered copies of every expert matrix per product (and an
+fp32 per-block weight gradient in the backward), far more traffic than the GEMMs' own. On Hopper the
+"kernel" form avoids it: JAX's Pallas Mosaic-GPU grouped GEMMs (`ragged_dot_mgpu`: each output tile
+reads its expert's weights in place; `transposed_ragged_dot_mgpu`: the per-expert weight gradient) under a
+custom VJP:
+
+    y  = ragged(x, w)            [M, N]
+    dx = ragged(dy, wᵀ)          [M, K]   (the same kernel, reading w transposed)
+    dw = transposed_ragged(x, dy) [G, K, N]
+
+bf16 operands, fp32 accumulation, bf16 results.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-GROUPED_IMPLS = ("ragged", "blocked", "auto")
+GROUPED_IMPLS = ("ragged", "blocked", "kernel", "auto")
+KERNEL_DIM_MULTIPLE = 64  # every tile edge of the Hopper kernels below divides K and N
 
 
 def grouped_matmul(x: Array, w: Array, group_sizes: Array, *, impl: str = "auto", block: int = 128,
                    preferred_element_type=jnp.float32) -> Array:
     """x [M, K] (rows sorted by group), w [G, K, N], group_sizes [G] int (sum M) → [M, N].
 
-    impl "ragged": jax.lax.ragged_dot. "blocked": the padded-block form above. "auto": ragged on TPU,
-    where it is native, and blocked elsewhere."""
+    impl "ragged": jax.lax.ragged_dot. "blocked": the padded-block form above. "kernel": the Hopper
+    Pallas kernels (bf16 result). "auto": ragged on TPU, where it is native; the kernels on one Hopper GPU
+    when K and N are multiples of 64; blocked elsewhere (a Pallas call is opaque to XLA's SPMD
+    partitioner, so under a multi-device mesh the blocked form, which XLA partitions, is kept)."""
     if impl == "auto":
-        impl = "ragged" if jax.default_backend() == "tpu" else "blocked"
+        impl = auto_impl(x.shape[1], w.shape[2])
     if impl == "ragged":
         return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=preferred_element_type)
+    if impl == "kernel":
+        dt = w.dtype if w.dtype == jnp.bfloat16 else jnp.bfloat16
+        out = kernel_grouped_matmul(x.astype(dt), w.astype(dt), group_sizes.astype(jnp.int32), mgpu_kernels())
+        return out.astype(preferred_element_type)
     if impl != "blocked":
         raise ValueError(f"unknown grouped matmul impl {impl!r}; use one of {GROUPED_IMPLS}")
     m, k = x.shape
@@ -55,3 +77,82 @@ def grouped_matmul(x: Array, w: Array, group_sizes: Array, *, impl: str = "auto"
     wb = w[jnp.minimum(block_group, g - 1)]  # [nb, K, N]; blocks past the last used one hold zero rows
     yp = jnp.einsum("nbk,nkf->nbf", xp.reshape(nb, block, k), wb, preferred_element_type=preferred_element_type)
     return yp.reshape(nb * block, n)[slot]  # [M, N]
+
+
+def auto_impl(k: int, n: int) -> str:
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return "ragged"
+    if (backend == "gpu" and jax.device_count() == 1 and k % KERNEL_DIM_MULTIPLE == 0
+            and n % KERNEL_DIM_MULTIPLE == 0
+            and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")):
+        return "kernel"
+    return "blocked"
+
+
+class GroupedKernels(NamedTuple):
+    """The three products of a grouped matmul and its gradient; rows sorted by group, sizes [G] int32.
+    dot(x [M, K], w [G, K, N]) → [M, N]; dot_t(dy [M, N], w [G, K, N]) → [M, K] (w read transposed);
+    tdot(x [M, K], dy [M, N]) → [G, K, N] (per-group xᵀ·dy)."""
+
+    dot: Callable
+    dot_t: Callable
+    tdot: Callable
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def kernel_grouped_matmul(x: Array, w: Array, group_sizes: Array, kernels: GroupedKernels) -> Array:
+    return kernels.dot(x, w, group_sizes)
+
+
+def _kgm_fwd(x, w, group_sizes, kernels):
+    return kernels.dot(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _kgm_bwd(kernels, res, dy):
+    x, w, group_sizes = res
+    dy = dy.astype(x.dtype)
+    return kernels.dot_t(dy, w, group_sizes), kernels.tdot(x, dy, group_sizes).astype(w.dtype), None
+
+
+kernel_grouped_matmul.defvjp(_kgm_fwd, _kgm_bwd)
+
+
+def _tile(d: int) -> int:
+    return 128 if d % 128 == 0 else KERNEL_DIM_MULTIPLE
+
+
+def _mgpu_dot(x, w, sizes, *, transpose_rhs=False):
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    n = w.shape[1] if transpose_rhs else w.shape[2]
+    return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=sizes, block_m=128, block_n=_tile(n),
+                                      block_k=KERNEL_DIM_MULTIPLE, max_concurrent_steps=4, grid_block_n=1,
+                                      transpose_rhs=transpose_rhs)
+
+
+def _mgpu_tdot(x, dy, sizes):
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+    return transposed_ragged_dot_mgpu.transposed_ragged_dot(
+        x, dy, group_sizes=sizes, block_m=_tile(x.shape[1]), block_n=_tile(dy.shape[1]),
+        block_k=KERNEL_DIM_MULTIPLE, max_concurrent_steps=4, grid_block_n=1)
+
+
+@functools.cache
+def mgpu_kernels() -> GroupedKernels:
+    return GroupedKernels(_mgpu_dot, functools.partial(_mgpu_dot, transpose_rhs=True), _mgpu_tdot)
+
+
+def _ref_tdot(x, dy, sizes):
+    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    return jax.lax.ragged_dot_general(x, dy, sizes, dims, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+@functools.cache
+def reference_kernels() -> GroupedKernels:
+    """lax.ragged_dot stand-ins with the kernels' dtypes: the custom VJP's algebra runs on any backend."""
+    f32 = dict(preferred_element_type=jnp.float32)
+    return GroupedKernels(
+        lambda x, w, s: jax.lax.ragged_dot(x, w, s, **f32).astype(x.dtype),
+        lambda dy, w, s: jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), s, **f32).astype(dy.dtype),
+        _ref_tdot)

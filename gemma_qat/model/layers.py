@@ -12,9 +12,11 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 DType = Any
+WEIGHT_NAME = "weight"  # checkpoint_name of each matmul weight as the math sees it (transformer.REMAT_POLICIES)
 
 
 class QuantPolicy(Protocol):
@@ -77,6 +79,8 @@ class Einsum(nn.Module):
         w = self.param("w", nn.with_logical_partitioning(_normal(self.init_std), self.axes), self.shape,
                        self.param_dtype)
         kernel = self.quant.weight(self, "w", w, in_axes=self.in_axes).astype(self.dtype)
+        # Named so remat="weights" keeps it: the backward then reuses the forward's fake-quant.
+        kernel = checkpoint_name(kernel, WEIGHT_NAME)
         if x is None:
             return kernel
         x = self.quant.activation(self, "w", x, site="in")

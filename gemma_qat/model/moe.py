@@ -1,6 +1,6 @@
 """The 26B-A4B mixture-of-experts FFN: softmax router on the un-normalised residual, top-k with
 renormalised weights times a per-expert scale, GeGLU experts run as grouped matmuls (grouped_matmul.py:
-ragged_dot on TPU, a padded-block GEMM elsewhere) so no token is dropped and the result equals the dense
+ragged_dot on TPU, Pallas grouped-GEMM kernels on one Hopper GPU, a padded-block GEMM elsewhere) so no token is dropped and the result equals the dense
 reference."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class MoE(nn.Module):
     hidden: int  # per-expert FFN width
     quant: QuantPolicy
     eps: float = 1e-6
-    grouped: str = "auto"  # grouped_matmul impl: ragged | blocked | auto
+    grouped: str = "auto"  # grouped_matmul impl: ragged | blocked | kernel | auto
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 

@@ -15,13 +15,16 @@ from gemma_qat.model.attention import Attention, attention_mask, cache_attention
 from gemma_qat.model.config import ModelConfig
 from gemma_qat.model.embed import Embedder
 from gemma_qat.model.kv_cache import KVCache, init_cache  # noqa: F401 (re-exported)
-from gemma_qat.model.layers import Array, DType, Einsum, FeedForward, NoQuant, QuantPolicy, RMSNorm, gelu_tanh
+from gemma_qat.model.layers import WEIGHT_NAME, Array, DType, Einsum, FeedForward, NoQuant, QuantPolicy, RMSNorm, gelu_tanh
 from gemma_qat.model.moe import MoE
 
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Full remat, but each layer keeps its weights as the matmuls see them (quantized, bf16): the
+    # backward recomputes activations only, not the fake-quant (+2 bytes per weight, sharded as it).
+    "weights": jax.checkpoint_policies.save_only_these_names(WEIGHT_NAME),
 }
 
 
@@ -30,6 +33,7 @@ class Block(nn.Module):
     layer: int
     quant: QuantPolicy
     attention: str = "auto"
+    grouped: str = "auto"
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
 
@@ -57,7 +61,7 @@ class Block(nn.Module):
             r = x
             dense = FeedForward(cfg.d_model, cfg.layer_ffn_dim(i), name="mlp2", **kw)(norm("pre_ffw2_norm")(r))
             moe = MoE(cfg.d_model, cfg.num_experts, cfg.top_k_experts, cfg.expert_ffn_dim, eps=cfg.norm_eps,
-                      name="mlp", **kw)(norm("pre_ffw_norm")(r), router_input=r)
+                      grouped=self.grouped, name="mlp", **kw)(norm("pre_ffw_norm")(r), router_input=r)
             x = r + norm("post_ffw_norm")(norm("post_ffw2_norm")(dense) + norm("post_ffw1_norm")(moe))
         else:
             f = FeedForward(cfg.d_model, cfg.layer_ffn_dim(i), name="mlp", **kw)(norm("pre_ffw_norm")(x))
@@ -91,6 +95,7 @@ class Transformer(nn.Module):
     param_dtype: DType = jnp.float32
     remat: str = "none"
     attention: str = "auto"  # attention kernel, see attention.attend: "xla" | "cudnn" | "auto" (GPU: cuDNN)
+    grouped: str = "auto"  # MoE grouped matmul, see grouped_matmul: "ragged" | "blocked" | "kernel" | "auto"
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
@@ -133,7 +138,7 @@ class Transformer(nn.Module):
             # With a cache the block also gets this layer's buffers (none for KV-shared layers:
             # `shared` are then the source's buffers) and the slot of this call's first token.
             cache_args = (None, None) if cache is None else (cache.layers.get(f"layer_{i}"), start)
-            x, kv = block_cls(cfg, i, attention=self.attention, name=f"layer_{i}", **kw)(
+            x, kv = block_cls(cfg, i, attention=self.attention, grouped=self.grouped, name=f"layer_{i}", **kw)(
                 x, positions, masks[cfg.layer_types[i]], None if ple is None else ple[:, :, i], shared, *cache_args,
                 packed)
             if i in sources:

@@ -108,11 +108,24 @@ def _q4_0_blocks(w: jax.Array, axis: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], n // Q4_0_BLOCK_SIZE, Q4_0_BLOCK_SIZE)  # [..., nb, 32]
 
 
+def _first_absmax(xb: jax.Array) -> jax.Array:
+    """[..., n] -> [...]: the signed value of largest |x|, the first one on ties (gguf.quants'
+    argmax + take_along_axis rule), as a pairwise knockout: the earlier entry of each pair stays
+    unless the later one is strictly larger in magnitude. Elementwise selects over strided slices
+    fuse into one pass over the weight, where argmax is a variadic (value, index) reduction
+    followed by a gather (+5 ms per bench-1b step, BENCHMARKS.md). A NaN wins, so it reaches d
+    as it does through argmax. n must be a power of two."""
+    m = xb
+    while m.shape[-1] > 1:
+        early, late = m[..., 0::2], m[..., 1::2]
+        m = jnp.where((jnp.abs(late) > jnp.abs(early)) | jnp.isnan(late), late, early)  # NaN spreads
+    return m[..., 0]
+
+
 @jax.jit
 def _q4_0_core(xb: jax.Array) -> tuple[jax.Array, jax.Array]:
     """xb [..., nb, 32] f32 -> (codes f32 0..15 [..., nb, 32], d f32 [..., nb])."""
-    imax = jnp.argmax(jnp.abs(xb), axis=-1, keepdims=True)  # first on ties, like numpy/ggml
-    mx = jnp.take_along_axis(xb, imax, axis=-1)  # signed; keeps -0.0 (matters for d bytes)
+    mx = _first_absmax(xb)[..., None]  # [..., nb, 1] signed; keeps -0.0 (matters for d bytes)
     d = mx * np.float32(-0.125)  # == max / -8 exactly; avoids XLA div reassociation
     p = xb * _recip(d)  # [..., nb, 32]; id = 0 when d == 0, as ggml
     # |p| <= 8*(1+2^-23) so p + 8.5 > 0: ggml's int8 cast never goes negative and the

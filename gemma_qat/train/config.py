@@ -128,7 +128,7 @@ class RunConfig:
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointSection = CheckpointSection()
     logging: LoggingSection = LoggingSection()
-    remat: str = "none"  # none | full | dots (model/transformer.py REMAT_POLICIES)
+    remat: str = "none"  # none | full | dots | weights (model/transformer.py REMAT_POLICIES)
     attention: str = "auto"  # xla | cudnn | auto (model/attention.py attend; auto = cuDNN where it applies)
 
     def __post_init__(self):

@@ -1,0 +1,92 @@
+"""MoE grouped matmul on one GPU: forward + backward time and error of each implementation at 26B-A4B
+expert shapes (128 experts, top-8, 2 × 2048 tokens → 32,768 token-expert rows).
+
+    python benchmarks/bench_grouped.py                     # gate/up [2816 → 1408] and down [704 → 2816]
+    python benchmarks/bench_grouped.py --impls blocked     # one implementation
+
+Rows are routed by random top-8 choices (uneven group sizes, like an untrained router). Error is
+against the fp32 ragged_dot-equivalent computed by the blocked form on fp32 inputs; `dense` is one plain
+[M, K]·[K, N] GEMM of the same FLOPs, the speed the grouped product could at best reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_qat.model.grouped_matmul import grouped_matmul
+
+SHAPES = {"gate_up": (2816, 1408), "down": (704, 2816)}  # (K, N) per expert: D → 2F and F → D
+
+
+def _time(fn, *args, reps: int = 10) -> float:
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--impls", default="blocked,kernel")
+    args = ap.parse_args()
+    g, m = args.experts, args.tokens * args.top_k
+    key = jax.random.PRNGKey(0)
+    choice = jax.vmap(lambda k: jax.random.choice(k, g, (args.top_k,), replace=False))(
+        jax.random.split(key, args.tokens)).reshape(-1)
+    sizes = jnp.bincount(choice, length=g).astype(jnp.int32)
+    print(f"rows {m}, experts {g}, group sizes min {int(sizes.min())} max {int(sizes.max())}", flush=True)
+    rows = []
+    for name, (k, n) in SHAPES.items():
+        ks = jax.random.split(jax.random.PRNGKey(1), 3)
+        x = jax.random.normal(ks[0], (m, k), jnp.float32)
+        w = jax.random.normal(ks[1], (g, k, n), jnp.float32) * k ** -0.5
+        dy = jax.random.normal(ks[2], (m, n), jnp.float32)
+
+        def fwd_bwd(impl, dtype):
+            def f(x, w, dy):
+                y, vjp = jax.vjp(lambda x, w: grouped_matmul(x, w, sizes, impl=impl), x.astype(dtype), w.astype(dtype))
+                return (y, *vjp(dy.astype(y.dtype)))
+            return jax.jit(f)
+
+        ref = [np.asarray(t, np.float32) for t in fwd_bwd("blocked", jnp.float32)(x, w, dy)]
+        flops = 3 * 2 * m * k * n  # y, dx, dw
+        a, b = x.astype(jnp.bfloat16), w[0].astype(jnp.bfloat16)
+        dense = jax.jit(lambda a, b, d: (a @ b, d @ b.T, a.T @ d))
+        t_dense = _time(dense, a, b, dy.astype(jnp.bfloat16))
+        row = {"shape": name, "K": k, "N": n, "dense_ms": t_dense * 1e3, "dense_tflops": flops / t_dense / 1e12}
+        for impl in args.impls.split(","):
+            try:
+                fn = fwd_bwd(impl, jnp.bfloat16)
+                got = fn(x, w, dy)
+                err = {f"err_{t}": _rel(gv, rv) for t, gv, rv in zip(("y", "dx", "dw"), got, ref)}
+                t = _time(fn, x, w, dy)
+                row[impl] = {"ms": t * 1e3, "tflops": flops / t / 1e12, **err}
+            except Exception as e:  # noqa: BLE001 — report and go on to the next implementation
+                row[impl] = {"error": repr(e)[:400]}
+            print(name, impl, row[impl], flush=True)
+        print(f"{name}: dense GEMMs of the same FLOPs {t_dense * 1e3:.2f} ms ({row['dense_tflops']:.0f} TFLOP/s)",
+              flush=True)
+        rows.append(row)
+    print("JSON " + json.dumps({"device": jax.devices()[0].device_kind, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Remat policies change what the backward recomputes, never the numbers: the QAT student's loss
+gradient is the same under every policy, and `weights` keeps each layer's fake-quantized weights
+so the backward does not quantize them again."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_qat.model.config import get_config
+from gemma_qat.model.params import init_params
+from gemma_qat.model.transformer import REMAT_POLICIES, Transformer
+from gemma_qat.quant.policy import RecipePolicy
+from gemma_qat.quant.recipe import get_recipe, resolve
+
+CFG = get_config("tiny-26b-a4b")  # dense and MoE layers, sliding and global attention
+
+
+def _loss(remat):
+    quant = RecipePolicy(resolve(get_recipe("q4_0", CFG), CFG))
+    model = Transformer(CFG, quant=quant, remat=remat)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, CFG.vocab_size)
+
+    def loss(params):
+        logits = model.apply({"params": params}, tokens)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
+    return loss
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def reference_grads(params):
+    return jax.jit(jax.grad(_loss("none")))(params)
+
+
+@pytest.mark.parametrize("remat", sorted(set(REMAT_POLICIES) - {"none"}))
+def test_gradients_do_not_depend_on_remat(params, reference_grads, remat):
+    grads = jax.jit(jax.grad(_loss(remat)))(params)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(reference_grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-7,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def _quantizations(remat, params) -> int:
+    # Each Q4_0 fake-quant calls the jitted reciprocal once; count them in the gradient's program.
+    return str(jax.make_jaxpr(jax.grad(_loss(remat)))(params)).count("name=_recip")
+
+
+def test_weights_policy_does_not_requantize_in_the_backward(params):
+    once = _quantizations("none", params)
+    assert once > 0
+    assert _quantizations("full", params) == 2 * once  # the backward's recompute quantizes again
+    assert _quantizations("weights", params) == once
