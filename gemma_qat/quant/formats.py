@@ -108,18 +108,26 @@ def _q4_0_blocks(w: jax.Array, axis: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], n // Q4_0_BLOCK_SIZE, Q4_0_BLOCK_SIZE)  # [..., nb, 32]
 
 
+# A 64-bit key only inside this function (the rest of the program stays 32-bit).
+_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else jax.experimental.enable_x64
+
+
 def _first_absmax(xb: jax.Array) -> jax.Array:
     """[..., n] -> [...]: the signed value of largest |x|, the first one on ties (gguf.quants'
-    argmax + take_along_axis rule), as a pairwise knockout: the earlier entry of each pair stays
-    unless the later one is strictly larger in magnitude. Elementwise selects over strided slices
-    fuse into one pass over the weight, where argmax is a variadic (value, index) reduction
-    followed by a gather (+5 ms per bench-1b step, BENCHMARKS.md). A NaN wins, so it reaches d
-    as it does through argmax. n must be a power of two."""
-    m = xb
-    while m.shape[-1] > 1:
-        early, late = m[..., 0::2], m[..., 1::2]
-        m = jnp.where((jnp.abs(late) > jnp.abs(early)) | jnp.isnan(late), late, early)  # NaN spreads
-    return m[..., 0]
+    argmax + take_along_axis rule), as one max-reduction of a uint64 key:
+    |x| bits << 32 | (n-1-position) << 1 | sign bit. Larger |x| wins, then the earlier position; the
+    sign rides along, -0.0 included, and a NaN (largest |x| bits) wins as under argmax. argmax is a
+    variadic (value, index) reduction plus a gather, and a pairwise knockout of strided selects also ran
+    at a third of the memory bandwidth on an H100 (BENCHMARKS.md); a plain row max runs near it."""
+    n = xb.shape[-1]
+    with _x64(True):
+        bits = jax.lax.bitcast_convert_type(xb.astype(_F32), jnp.uint32)
+        low = ((np.uint32(n - 1) - jnp.arange(n, dtype=jnp.uint32)) << 1) | (bits >> 31)
+        key = ((bits & np.uint32(0x7FFFFFFF)).astype(jnp.uint64) << np.uint64(32)) | low.astype(jnp.uint64)
+        k = jnp.max(key, axis=-1)
+        mag = (k >> np.uint64(32)).astype(jnp.uint32)
+        sign = (k & np.uint64(1)).astype(jnp.uint32) << 31
+        return jax.lax.bitcast_convert_type(mag | sign, _F32)
 
 
 @jax.jit
