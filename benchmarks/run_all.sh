@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The whole BENCHMARKS.md matrix in one go on one GPU: bench-1b (all modes, profiled), E2B full size and
-# 26B-A4B at 4 layers, then the PyTorch peer on bench-1b, on the same card in the same run.
+# The whole BENCHMARKS.md matrix in one go on one GPU: the MoE grouped-matmul micro-benchmark, bench-1b (all
+# modes, profiled), E2B full size and 26B-A4B at 4 layers (full remat, then QAT with remat "weights"), then
+# the PyTorch peer on bench-1b, on the same card in the same run. Cold, it needs more than one 10-minute
+# device call: with a fresh autotune cache each big config compiles in 1.5 to 5 minutes per mode.
 #
 #   bash benchmarks/run_all.sh OUT_DIR [PEER_SCRIPT]      # PEER_SCRIPT: shared/bench/peer_torchao_qat.py
 #
@@ -25,9 +27,13 @@ run() {  # name, then bench_step.py arguments
   timeout "$limit" "$py" "$here/bench_step.py" "$@" 2>&1 | tee "$out/$name.txt" | grep -v '^  '
 }
 
+echo "== grouped"
+timeout "$limit" "$py" "$here/bench_grouped.py" 2>&1 | tee "$out/grouped.log" | grep -v '^JSON'
 run bench-1b --config bench-1b --batch 2 --seq 2048 --steps 6 --profile "$out/profile"
 run e2b --config e2b --freeze-embeddings --remat full --steps 4
 run 26b-a4b-4l --config 26b-a4b-4l --freeze-embeddings --remat full --steps 4
+run e2b-weights --config e2b --freeze-embeddings --remat weights --modes qat --steps 4
+run 26b-a4b-4l-weights --config 26b-a4b-4l --freeze-embeddings --remat weights --modes qat --steps 4
 if [[ -n "$peer" ]]; then
   echo "== peer: $peer"
   timeout "$limit" "$py" "$peer" --config bench-1b --batch 2 --seq 2048 --steps 6 2>&1 | tee "$out/peer.txt" \
