@@ -3,6 +3,7 @@ expert shapes (128 experts, top-8, 2 × 2048 tokens → 32,768 token-expert rows
 
     python benchmarks/bench_grouped.py                     # gate/up [2816 → 1408] and down [704 → 2816]
     python benchmarks/bench_grouped.py --impls blocked     # one implementation
+    python benchmarks/bench_grouped.py --sweep             # + the Hopper kernels' tile shapes, best first
 
 Rows are routed by random top-8 choices (uneven group sizes, like an untrained router). Error is
 against the fp32 ragged_dot-equivalent computed by the blocked form on fp32 inputs; `dense` is one plain
@@ -20,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_qat.model.grouped_matmul import grouped_matmul
+from gemma_qat.model.grouped_matmul import Tiles, grouped_matmul, kernel_grouped_matmul, mgpu_kernels
 
 SHAPES = {"gate_up": (2816, 1408), "down": (704, 2816)}  # (K, N) per expert: D → 2F and F → D
+SWEEP = [Tiles(bm, bn, 64, st, gb) for bm in (64, 128) for bn in (64, 128) for st in (3, 4, 6) for gb in (1, 2)]
 
 
 def _time(fn, *args, reps: int = 10) -> float:
@@ -40,12 +42,34 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def _sweep(x, w, dy, sizes, ref, flops) -> list[dict]:
+    xb, wb, dyb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), dy.astype(jnp.bfloat16)
+    out = []
+    for tiles in SWEEP:
+        def f(x, w, dy, kernels=mgpu_kernels(tiles)):
+            y, vjp = jax.vjp(lambda x, w: kernel_grouped_matmul(x, w, sizes, kernels), x, w)
+            return (y, *vjp(dy))
+        try:
+            fn = jax.jit(f)
+            err = max(_rel(g, r) for g, r in zip(fn(xb, wb, dyb), ref))
+            t = _time(fn, xb, wb, dyb)
+            out.append({"tiles": tiles._asdict(), "ms": t * 1e3, "tflops": flops / t / 1e12, "max_err": err})
+        except Exception as e:  # noqa: BLE001 — e.g. a tile shape over the shared-memory budget
+            out.append({"tiles": tiles._asdict(), "error": repr(e)[:200]})
+    ok = sorted((r for r in out if "ms" in r), key=lambda r: r["ms"])
+    for r in ok[:5]:
+        print(f"  {r['ms']:7.2f} ms  {r['tflops']:5.0f} TFLOP/s  err {r['max_err']:.1e}  {r['tiles']}", flush=True)
+    print(f"  {len(out) - len(ok)} of {len(out)} tile shapes failed", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--impls", default="blocked,kernel")
+    ap.add_argument("--sweep", action="store_true", help="time the kernels at each tile shape of SWEEP")
     args = ap.parse_args()
     g, m = args.experts, args.tokens * args.top_k
     key = jax.random.PRNGKey(0)
@@ -82,6 +106,8 @@ def main():
             except Exception as e:  # noqa: BLE001 — report and go on to the next implementation
                 row[impl] = {"error": repr(e)[:400]}
             print(name, impl, row[impl], flush=True)
+        if args.sweep:
+            row["sweep"] = _sweep(x, w, dy, sizes, ref, flops)
         print(f"{name}: dense GEMMs of the same FLOPs {t_dense * 1e3:.2f} ms ({row['dense_tflops']:.0f} TFLOP/s)",
               flush=True)
         rows.append(row)

@@ -28,7 +28,7 @@ run() {  # name, then bench_step.py arguments
 }
 
 echo "== grouped"
-timeout "$limit" "$py" "$here/bench_grouped.py" 2>&1 | tee "$out/grouped.log" | grep -v '^JSON'
+timeout "$limit" "$py" "$here/bench_grouped.py" --sweep 2>&1 | tee "$out/grouped.log" | grep -v '^JSON'
 run bench-1b --config bench-1b --batch 2 --seq 2048 --steps 6 --profile "$out/profile"
 run e2b --config e2b --freeze-embeddings --remat full --steps 4
 run 26b-a4b-4l --config 26b-a4b-4l --freeze-embeddings --remat full --steps 4

@@ -118,28 +118,46 @@ def _kgm_bwd(kernels, res, dy):
 kernel_grouped_matmul.defvjp(_kgm_fwd, _kgm_bwd)
 
 
-def _tile(d: int) -> int:
-    return 128 if d % 128 == 0 else KERNEL_DIM_MULTIPLE
+class Tiles(NamedTuple):
+    """Tile shape of the Hopper kernels: rows × columns of an output tile, contraction step, pipeline
+    stages, and output tiles per column band of the launch order (`planar_snake`). A column edge that
+    does not divide its dimension falls back to 64, which divides every dimension `auto` accepts."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    stages: int = 4
+    grid_block_n: int = 1
+
+    def edge(self, size: int, d: int) -> int:
+        return size if d % size == 0 else KERNEL_DIM_MULTIPLE
 
 
-def _mgpu_dot(x, w, sizes, *, transpose_rhs=False):
+def _mgpu_dot(x, w, sizes, *, tiles: Tiles, transpose_rhs=False):
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
     n = w.shape[1] if transpose_rhs else w.shape[2]
-    return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=sizes, block_m=128, block_n=_tile(n),
-                                      block_k=KERNEL_DIM_MULTIPLE, max_concurrent_steps=4, grid_block_n=1,
+    kc = w.shape[2] if transpose_rhs else w.shape[1]
+    bn = tiles.edge(tiles.block_n, n)
+    return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=sizes, block_m=tiles.block_m, block_n=bn,
+                                      block_k=tiles.edge(tiles.block_k, kc), max_concurrent_steps=tiles.stages,
+                                      grid_block_n=tiles.grid_block_n if (n // bn) % tiles.grid_block_n == 0 else 1,
                                       transpose_rhs=transpose_rhs)
 
 
-def _mgpu_tdot(x, dy, sizes):
+def _mgpu_tdot(x, dy, sizes, *, tiles: Tiles):
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+    bn = tiles.edge(tiles.block_n, dy.shape[1])
     return transposed_ragged_dot_mgpu.transposed_ragged_dot(
-        x, dy, group_sizes=sizes, block_m=_tile(x.shape[1]), block_n=_tile(dy.shape[1]),
-        block_k=KERNEL_DIM_MULTIPLE, max_concurrent_steps=4, grid_block_n=1)
+        x, dy, group_sizes=sizes, block_m=tiles.edge(tiles.block_m, x.shape[1]), block_n=bn,
+        block_k=tiles.block_k, max_concurrent_steps=tiles.stages,
+        grid_block_n=tiles.grid_block_n if (dy.shape[1] // bn) % tiles.grid_block_n == 0 else 1)
 
 
 @functools.cache
-def mgpu_kernels() -> GroupedKernels:
-    return GroupedKernels(_mgpu_dot, functools.partial(_mgpu_dot, transpose_rhs=True), _mgpu_tdot)
+def mgpu_kernels(tiles: Tiles = Tiles()) -> GroupedKernels:
+    return GroupedKernels(functools.partial(_mgpu_dot, tiles=tiles),
+                          functools.partial(_mgpu_dot, tiles=tiles, transpose_rhs=True),
+                          functools.partial(_mgpu_tdot, tiles=tiles))
 
 
 def _ref_tdot(x, dy, sizes):
