@@ -23,8 +23,8 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # Full remat, but each layer keeps its weights as the matmuls see them (quantized, bf16): the
-    # backward recomputes activations only, not the fake-quant (+2 bytes per weight). For unsharded
-    # weights: under FSDP, XLA gathers the fp32 weights before quantizing, so the kept copies are full-size.
+    # backward recomputes activations only, not the fake-quant (+2 bytes per weight). Meant for unsharded
+    # weights: under FSDP the kept copies are full-size wherever XLA gathers before it quantizes.
     "weights": jax.checkpoint_policies.save_only_these_names(WEIGHT_NAME),
 }
 
