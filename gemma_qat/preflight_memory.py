@@ -18,6 +18,8 @@ Per layer i, everything live if nothing were rematerialised:
 Saved for the backward, by `remat`:
     none: A_i      dots: the matmul outputs without batch dims, bT·(H(N+2K)/tp + 3D + 2F/tp + 2P)·c
     full: the block input bT·(D + P)·c
+    weights: as full, plus the layer's matmul weights in the compute dtype, counted whole (as if
+             gathered over fsdp: where XLA gathers before the fake-quant, the kept copies are full-size)
 Step peak = Σ_i saved_i + embeddings/PLE/final hidden (bT·(3D + 2LP)·c)
           + max( one layer's backward: A_max × (1 if remat=none else 2: recompute + cotangents),
                  teacher forward: its A_max + its PLE and hidden,
@@ -30,8 +32,10 @@ Step peak = Σ_i saved_i + embeddings/PLE/final hidden (bT·(3D + 2LP)·c)
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from gemma_qat.model.config import ModelConfig
+from gemma_qat.model.params import abstract_params, flat_shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +70,16 @@ def _layer(cfg: ModelConfig, i: int, g: StepGeometry) -> tuple[int, int, int]:
     return full, dots, bt * (d + p) * c
 
 
+def _layer_weights(cfg: ModelConfig) -> list[int]:
+    """Elements of each layer's matmul weights (every Einsum `w`: what remat="weights" keeps)."""
+    out = [0] * cfg.num_layers
+    for path, shape in flat_shapes(abstract_params(cfg)).items():
+        layer, _, rest = path.partition("/")
+        if layer.startswith("layer_") and rest.rpartition("/")[2] == "w":
+            out[int(layer.removeprefix("layer_"))] += math.prod(shape)
+    return out
+
+
 def _outside_layers(cfg: ModelConfig, g: StepGeometry) -> int:
     bt, c = g.rows * g.seq_len, g.compute_bytes
     return bt * (3 * cfg.d_model + 2 * cfg.num_layers * cfg.ple_dim) * c
@@ -75,8 +89,10 @@ def estimate(student: ModelConfig, teacher: ModelConfig | None, g: StepGeometry)
     """(named terms in bytes per device of the formula in the module docstring, with their `total`;
     which transient is the largest). teacher None: an offline run (teacher.cache), no teacher forward."""
     layers = [_layer(student, i, g) for i in range(student.num_layers)]
-    pick = {"none": 0, "dots": 1, "full": 2}[g.remat]
+    pick = {"none": 0, "dots": 1, "full": 2, "weights": 2}[g.remat]
     saved = sum(layer[pick] for layer in layers) + _outside_layers(student, g)
+    if g.remat == "weights":
+        saved += sum(_layer_weights(student)) * g.compute_bytes
     a_max = max(layer[0] for layer in layers)
     backward = a_max * (1 if g.remat == "none" else 2)
     teacher_fwd = 0 if teacher is None else (

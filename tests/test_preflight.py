@@ -59,6 +59,22 @@ def test_tiny_on_8xh100_compiles_without_allocating_and_sizes_are_exact():
     assert r.largest[0].path == "embedder/per_layer_embeddings" and len(r.largest) == 10
 
 
+def test_remat_weights_adds_the_layers_matmul_weights_to_the_estimate():
+    """remat="weights" keeps every layer's matmul weights (compute dtype, counted whole) on top of what
+    remat="full" keeps; the count is checked against the initialised parameter tree."""
+    from flax import traverse_util
+
+    from gemma_qat.model.params import init_params
+
+    full = run_preflight(load_run_config(TINY, ["remat=full"]), "8xH100", lower=False)
+    weights = run_preflight(load_run_config(TINY, ["remat=weights"]), "8xH100", lower=False)
+    cfg = load_run_config(TINY)
+    params = traverse_util.flatten_dict(init_params(get_config(cfg.model.name), jax.random.PRNGKey(0)))
+    layer_w = sum(v.size for k, v in params.items() if k[0].startswith("layer_") and k[-1] == "w")
+    c = 2 if cfg.optimizer.compute_dtype == "bfloat16" else 4
+    assert weights.estimate_terms["saved_activations"] - full.estimate_terms["saved_activations"] == layer_w * c
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu present: no fallback")
 def test_tpu_topology_falls_back_to_abstract_lowering():
     r = run_preflight(load_run_config(TINY), "v5p-8")  # 4 chips: an abstract mesh, not the 8 CPU devices
