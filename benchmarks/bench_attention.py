@@ -11,27 +11,15 @@ packed (two segments per row) so the segment rule is exercised too.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gemma_qat.model.attention import attention_mask, attend
+from timing import median_seconds  # benchmarks/timing.py (this folder is on sys.path)
 
 SHAPES = {"sliding": dict(n=8, k=4, h=256, window=1024), "global": dict(n=8, k=1, h=512, window=None)}
-
-
-def _time(fn, *args, reps: int = 10) -> float:
-    out = fn(*args)
-    jax.block_until_ready(out)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def _inputs(b, t, n, k, h, packed: bool, seed=0):
@@ -89,7 +77,7 @@ def main():
 
             try:
                 out, grads = fwd_bwd(q, k, v)
-                dt = _time(fwd_bwd, q, k, v)
+                dt = median_seconds(fwd_bwd, q, k, v)
             except Exception as e:  # an unsupported shape is a finding, not a crash
                 print(f"{layer:15s} {impl:14s} unsupported: {str(e).splitlines()[0][:160]}", flush=True)
                 continue

@@ -14,27 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gemma_qat.model.grouped_matmul import Tiles, grouped_matmul, kernel_grouped_matmul, mgpu_kernels
+from timing import median_seconds  # benchmarks/timing.py (this folder is on sys.path)
 
 SHAPES = {"gate_up": (2816, 1408), "down": (704, 2816)}  # (K, N) per expert: D → 2F and F → D
 SWEEP = [Tiles(bm, bn, 64, st, gb) for bm in (64, 128) for bn in (64, 128) for st in (3, 4, 6) for gb in (1, 2)]
-
-
-def _time(fn, *args, reps: int = 10) -> float:
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def _rel(a, b) -> float:
@@ -52,7 +41,7 @@ def _sweep(x, w, dy, sizes, ref, flops) -> list[dict]:
         try:
             fn = jax.jit(f)
             err = max(_rel(g, r) for g, r in zip(fn(xb, wb, dyb), ref))
-            t = _time(fn, xb, wb, dyb)
+            t = median_seconds(fn, xb, wb, dyb)
             out.append({"tiles": tiles._asdict(), "ms": t * 1e3, "tflops": flops / t / 1e12, "max_err": err})
         except Exception as e:  # noqa: BLE001 — e.g. a tile shape over the shared-memory budget
             out.append({"tiles": tiles._asdict(), "error": repr(e)[:200]})
@@ -94,14 +83,14 @@ def main():
         flops = 3 * 2 * m * k * n  # y, dx, dw
         a, b = x.astype(jnp.bfloat16), w[0].astype(jnp.bfloat16)
         dense = jax.jit(lambda a, b, d: (a @ b, d @ b.T, a.T @ d))
-        t_dense = _time(dense, a, b, dy.astype(jnp.bfloat16))
+        t_dense = median_seconds(dense, a, b, dy.astype(jnp.bfloat16))
         row = {"shape": name, "K": k, "N": n, "dense_ms": t_dense * 1e3, "dense_tflops": flops / t_dense / 1e12}
         for impl in args.impls.split(","):
             try:
                 fn = fwd_bwd(impl, jnp.bfloat16)
                 got = fn(x, w, dy)
                 err = {f"err_{t}": _rel(gv, rv) for t, gv, rv in zip(("y", "dx", "dw"), got, ref)}
-                t = _time(fn, x, w, dy)
+                t = median_seconds(fn, x, w, dy)
                 row[impl] = {"ms": t * 1e3, "tflops": flops / t / 1e12, **err}
             except Exception as e:  # noqa: BLE001 — report and go on to the next implementation
                 row[impl] = {"error": repr(e)[:400]}
