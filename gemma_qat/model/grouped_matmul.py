@@ -57,8 +57,8 @@ def grouped_matmul(x: Array, w: Array, group_sizes: Array, *, impl: str = "auto"
     if impl == "ragged":
         return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=preferred_element_type)
     if impl == "kernel":
-        dt = w.dtype if w.dtype == jnp.bfloat16 else jnp.bfloat16
-        out = kernel_grouped_matmul(x.astype(dt), w.astype(dt), group_sizes.astype(jnp.int32), mgpu_kernels())
+        bf16 = jnp.bfloat16
+        out = kernel_grouped_matmul(x.astype(bf16), w.astype(bf16), group_sizes.astype(jnp.int32), mgpu_kernels())
         return out.astype(preferred_element_type)
     if impl != "blocked":
         raise ValueError(f"unknown grouped matmul impl {impl!r}; use one of {GROUPED_IMPLS}")
