@@ -45,6 +45,7 @@ def _sweep(x, w, dy, sizes, ref, flops) -> list[dict]:
             out.append({"tiles": tiles._asdict(), "ms": t * 1e3, "tflops": flops / t / 1e12, "max_err": err})
         except Exception as e:  # noqa: BLE001 — e.g. a tile shape over the shared-memory budget
             out.append({"tiles": tiles._asdict(), "error": repr(e)[:200]})
+        print("  tile", json.dumps(out[-1]), flush=True)  # as it goes: a time limit keeps what ran
     ok = sorted((r for r in out if "ms" in r), key=lambda r: r["ms"])
     for r in ok[:5]:
         print(f"  {r['ms']:7.2f} ms  {r['tflops']:5.0f} TFLOP/s  err {r['max_err']:.1e}  {r['tiles']}", flush=True)
@@ -59,6 +60,7 @@ def main():
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--impls", default="blocked,kernel")
     ap.add_argument("--sweep", action="store_true", help="time the kernels at each tile shape of SWEEP")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="which expert products (gate_up, down)")
     args = ap.parse_args()
     g, m = args.experts, args.tokens * args.top_k
     key = jax.random.PRNGKey(0)
@@ -67,7 +69,8 @@ def main():
     sizes = jnp.bincount(choice, length=g).astype(jnp.int32)
     print(f"rows {m}, experts {g}, group sizes min {int(sizes.min())} max {int(sizes.max())}", flush=True)
     rows = []
-    for name, (k, n) in SHAPES.items():
+    for name in args.shapes.split(","):
+        k, n = SHAPES[name]
         ks = jax.random.split(jax.random.PRNGKey(1), 3)
         x = jax.random.normal(ks[0], (m, k), jnp.float32)
         w = jax.random.normal(ks[1], (g, k, n), jnp.float32) * k ** -0.5

@@ -35,6 +35,7 @@ from gemma_qat.model.grouped_matmul import GROUPED_IMPLS
 from gemma_qat.model.params import init_params
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant.policy import RecipePolicy
+from gemma_qat.quant.q4_0_kernel import IMPLS as Q4_0_IMPLS
 from gemma_qat.quant.recipe import get_recipe, resolve
 from gemma_qat.train.metrics import matmul_params
 
@@ -71,7 +72,7 @@ def _merge(a, b):
 def run_mode(args) -> dict:
     cfg = bench_config(args.config)
     mode = args.mode
-    quant = RecipePolicy(resolve(get_recipe("q4_0", cfg), cfg)) if "qat" in mode else None
+    quant = RecipePolicy(resolve(get_recipe("q4_0", cfg), cfg), q4_0_impl=args.q4_0_impl) if "qat" in mode else None
     kw = dict(dtype=jnp.bfloat16, remat=args.remat, attention=args.attention, grouped=args.grouped)
     student = Transformer(cfg, **({"quant": quant} if quant else {}), **kw)
     teacher = Transformer(cfg, **kw)
@@ -124,7 +125,7 @@ def run_mode(args) -> dict:
     tok_s = b * t / dt
     stats = jax.devices()[0].memory_stats() or {}
     return {"config": cfg.name, "mode": mode, "batch": b, "seq": t, "remat": args.remat, "attention": args.attention,
-            "grouped": args.grouped,
+            "grouped": args.grouped, "q4_0_impl": args.q4_0_impl,
             "freeze_embeddings": args.freeze_embeddings, "step_s": dt, "tokens_per_s": tok_s,
             "mfu": tok_s * flops_per_token(cfg, t, "teacher" in mode) / args.peak,
             "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "compile_s": compile_s,
@@ -143,6 +144,8 @@ def main():
     ap.add_argument("--attention", default="auto", choices=["xla", "cudnn", "auto"],
                     help="attention kernel (auto: cuDNN where it applies)")
     ap.add_argument("--grouped", default="auto", choices=list(GROUPED_IMPLS), help="MoE grouped matmul")
+    ap.add_argument("--q4-0-impl", default="auto", choices=list(Q4_0_IMPLS),
+                    help="Q4_0 fake-quant: XLA, the one-pass Pallas kernel, or auto (the kernel on one GPU)")
     ap.add_argument("--profile", help="also trace 2 steps into DIR/<mode> and summarise kernels into DIR/<mode>.txt")
     ap.add_argument("--peak", type=float, default=989e12)
     ap.add_argument("--modes", default=",".join(MODES))
@@ -155,7 +158,8 @@ def main():
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--mode", mode, "--config", args.config, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--chunk", str(args.chunk),
-               "--remat", args.remat, "--peak", str(args.peak), "--attention", args.attention, "--grouped", args.grouped]
+               "--remat", args.remat, "--peak", str(args.peak), "--attention", args.attention, "--grouped", args.grouped,
+               "--q4-0-impl", args.q4_0_impl]
         cmd += ["--freeze-embeddings"] * args.freeze_embeddings + (["--profile", args.profile] if args.profile else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if args.profile:
@@ -168,7 +172,7 @@ def main():
         r = rows[-1]
         print(f"{r['config']:12s} {mode:12s} step {r['step_s']*1e3:8.1f} ms  {r['tokens_per_s']:9.0f} tok/s  "
               f"MFU {100*r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  compile {r['compile_s']:.0f}s  "
-              f"attention {args.attention}  remat {args.remat}", flush=True)
+              f"attention {args.attention}  remat {args.remat}  q4_0 {args.q4_0_impl}", flush=True)
     print("JSON " + json.dumps(rows))
 
 

@@ -38,3 +38,12 @@ def test_bench_grouped_reports_small_errors():
         for impl in ("blocked", "ragged"):
             errs = [r[impl][f"err_{t}"] for t in ("y", "dx", "dw")]
             assert all(0 < e < 1e-2 for e in errs), (impl, errs)  # bf16 against the fp32 product
+
+
+def test_bench_q4_0_finds_the_kernel_bit_identical():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_q4_0.py"), "--config", "tiny-e2b",
+                          "--reps", "1", "--limit", "12"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = _json_line(out.stdout)
+    assert row["weights"] == 12 and row["kernel_weights"] == 12
+    assert row["mismatched"] == 0 and row["stress_mismatched"] == 0

@@ -50,8 +50,7 @@ def straight_through(fn: Callable, w: jax.Array) -> jax.Array:
     return f(w)
 
 
-@jax.jit  # one fused kernel when called eagerly (tests, exporter); inlined under jit
-def _recip(d: jax.Array) -> jax.Array:
+def _recip_math(d: jax.Array) -> jax.Array:
     """Correctly rounded fp32 1/d, 0 where d == 0.
 
     XLA:GPU's f32 divide is not IEEE (H100: 1 ulp off for ~13% of inputs), which moved
@@ -74,6 +73,11 @@ def _recip(d: jax.Array) -> jax.Array:
     normal = (e > 0) & (e < 253)
     safe = jnp.where(d == 0, np.float32(1.0), d)
     return jnp.where(d == 0, np.float32(0.0), jnp.where(normal, exact, np.float32(1.0) / safe))
+
+
+# One fused kernel when called eagerly (tests, exporter); inlined under jit. The unjitted math is also
+# traced inside the Pallas kernel (q4_0_kernel.py), so both paths run the same operations.
+_recip = jax.jit(_recip_math)
 
 
 # --------------------------------------------------------------------------- Q4_0
@@ -134,14 +138,21 @@ def _first_absmax(xb: jax.Array) -> jax.Array:
 def _q4_0_core(xb: jax.Array) -> tuple[jax.Array, jax.Array]:
     """xb [..., nb, 32] f32 -> (codes f32 0..15 [..., nb, 32], d f32 [..., nb])."""
     mx = _first_absmax(xb)[..., None]  # [..., nb, 1] signed; keeps -0.0 (matters for d bytes)
+    q, d = q4_0_codes(xb, mx)
+    return q, d[..., 0]
+
+
+def q4_0_codes(x: jax.Array, mx: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """f32 values x and their block's signed max-|x| value mx (broadcastable) -> (codes f32 0..15, d f32).
+    Shared by the XLA path above and the Pallas kernel, so they cannot drift."""
     d = mx * np.float32(-0.125)  # == max / -8 exactly; avoids XLA div reassociation
-    p = xb * _recip(d)  # [..., nb, 32]; id = 0 when d == 0, as ggml
+    p = x * _recip_math(d)  # id = 0 when d == 0, as ggml
     # |p| <= 8*(1+2^-23) so p + 8.5 > 0: ggml's int8 cast never goes negative and the
     # count below needs no clip at 0; counting 15 thresholds is ggml's MIN(15, .).
     q = jnp.zeros_like(p)
     for t in _Q4_0_T:  # a loop, not a [..., 15] compare tensor: eager memory stays 1x
         q = q + (p >= t).astype(_F32)
-    return q, d[..., 0]
+    return q, d
 
 
 def q4_0_quantize(w: jax.Array, *, in_axis: int) -> tuple[jax.Array, jax.Array]:

@@ -17,7 +17,7 @@ from gemma_qat.model.config import ModelConfig
 from gemma_qat.model.layers import param_path
 from gemma_qat.model.params import abstract_params, flat_shapes
 from gemma_qat.model.transformer import Transformer
-from gemma_qat.quant import formats
+from gemma_qat.quant import formats, q4_0_kernel
 from gemma_qat.quant.recipe import FLOAT, Resolution
 
 SCALES = "quant_scales"
@@ -35,12 +35,18 @@ BACKENDS = ("formats", "aqt")
 class RecipePolicy:
     """Applies a Resolution. `calibrating=True` records activation absmax instead of quantizing.
     `backend="aqt"` computes the weight fake-quant through AQT (aqt_backend.py), which reproduces
-    formats.py bit for bit; the default calls formats.py directly (fewer layers, same numbers)."""
+    formats.py bit for bit; the default calls formats.py directly (fewer layers, same numbers).
+    `q4_0_impl` (formats backend): "xla" runs formats.py's Q4_0 under XLA, "pallas" the one-pass kernel
+    of q4_0_kernel.py (same bits), "auto" the kernel on one GPU where the shape allows. The kernel
+    writes the weight in the calling module's compute dtype, which the module casts to anyway."""
 
     def __init__(self, resolution: Resolution, *, calibrating: bool = False, backend: str = "formats",
-                 static_scales: dict | None = None):
+                 static_scales: dict | None = None, q4_0_impl: str = "auto"):
         if backend not in BACKENDS:
             raise ValueError(f"unknown quantization backend {backend!r}; choose one of {BACKENDS}")
+        if q4_0_impl not in q4_0_kernel.IMPLS:
+            raise ValueError(f"unknown Q4_0 implementation {q4_0_impl!r}; choose one of {q4_0_kernel.IMPLS}")
+        self.q4_0_impl = q4_0_impl
         self.resolution = resolution
         self.formats = resolution.formats
         self.act_int8 = resolution.recipe.activations == "int8_static"
@@ -72,7 +78,10 @@ class RecipePolicy:
             # AQT's own straight-through gradient lives in its dot_general; used on the weight alone
             # its dequant has zero gradient, so wrap it in the same identity VJP as formats.py.
             return formats.straight_through(lambda v: aqt_fake_quant(v, weight_format=fmt, in_axes=axes), w)
-        return formats.get_format(fmt).fake_quant(w, weight_axes(fmt, in_axes))
+        axes = weight_axes(fmt, in_axes)
+        if fmt == "q4_0" and q4_0_kernel.use_kernel(self.q4_0_impl, w.shape, axes):
+            return q4_0_kernel.q4_0_fake_quant_fused(w, in_axis=axes, dtype=getattr(module, "dtype", None))
+        return formats.get_format(fmt).fake_quant(w, axes)
 
     def activation(self, module, name, x, *, site):
         if not self.act_int8 or self._format(module, name) == FLOAT:
@@ -90,7 +99,7 @@ class RecipePolicy:
         return formats.act_fake_quant_int8(x, jax.lax.stop_gradient(scale.value)).astype(x.dtype)
 
     def __repr__(self):
-        return f"RecipePolicy({self.resolution.recipe.name}, backend={self.backend})"
+        return f"RecipePolicy({self.resolution.recipe.name}, backend={self.backend}, q4_0_impl={self.q4_0_impl})"
 
 
 class _Recorder:

@@ -24,6 +24,7 @@ from typing import Sequence
 
 from gemma_qat.model.attention import ATTENTION_IMPLS
 from gemma_qat.model.transformer import REMAT_POLICIES
+from gemma_qat.quant.q4_0_kernel import IMPLS as Q4_0_IMPLS
 from gemma_qat.sharding import MeshConfig
 from gemma_qat.train import config_io
 
@@ -97,6 +98,7 @@ class DistillSection:
 @dataclasses.dataclass(frozen=True)
 class QuantSection:
     recipe: str = "none"  # resolved by train/policy.py (registry, then gemma_qat.quant.recipe)
+    q4_0_impl: str = "auto"  # xla | pallas | auto (quant/q4_0_kernel.py: the one-pass kernel on one GPU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +163,7 @@ def _problems(c: RunConfig) -> list[str]:
     o, d, s = c.optimizer, c.data, c.distill
     _choice(p, "remat", c.remat, REMAT_POLICIES)
     _choice(p, "attention", c.attention, ATTENTION_IMPLS)
+    _choice(p, "quant.q4_0_impl", c.quant.q4_0_impl, Q4_0_IMPLS)
     _choice(p, "optimizer.param_dtype", o.param_dtype, DTYPES)
     _choice(p, "optimizer.compute_dtype", o.compute_dtype, DTYPES)
     _choice(p, "teacher.param_dtype", c.teacher.param_dtype, DTYPES)

@@ -118,7 +118,7 @@ def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) 
             state_lib.check_teacher(checkpoint.load_config(cfg.teacher.checkpoint), s_cfg, cfg.teacher.checkpoint)
         spec, tokenizer = inputs.resolve(cfg, s_cfg.vocab_size)
         tokenizer_name = tokenizer.name
-    policy = quant_policy if quant_policy is not None else resolve_policy(cfg.quant.recipe, s_cfg)
+    policy = quant_policy if quant_policy is not None else resolve_policy(cfg.quant.recipe, s_cfg, cfg.quant.q4_0_impl)
     if jax.process_index() == 0:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
@@ -254,7 +254,8 @@ def _with_static_scales(cfg: RunConfig, policy: RecipePolicy, s_cfg, params, dat
         if jax.process_index() == 0:
             save_quant_scales(cfg.run_dir, scales)
         print_fn(f"calibrated {len(jax.tree.leaves(scales))} static activation scales → {path}")
-    return RecipePolicy(policy.resolution, backend=policy.backend, static_scales=scales)
+    return RecipePolicy(policy.resolution, backend=policy.backend, static_scales=scales,
+                        q4_0_impl=policy.q4_0_impl)
 
 
 def save_final_model(cfg: RunConfig, run: _Run, state) -> Path:

@@ -28,12 +28,12 @@ def register_policy(name: str, factory: PolicyFactory) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def recipe_policy(name: str, config: ModelConfig) -> RecipePolicy:
+def recipe_policy(name: str, config: ModelConfig, q4_0_impl: str = "auto") -> RecipePolicy:
     """A preset recipe resolved for `config` (cached: the same policy object keeps compiled steps)."""
-    return RecipePolicy(resolve(get_recipe(name, config), config))
+    return RecipePolicy(resolve(get_recipe(name, config), config), q4_0_impl=q4_0_impl)
 
 
-def resolve_policy(name: str, config: ModelConfig) -> QuantPolicy:
+def resolve_policy(name: str, config: ModelConfig, q4_0_impl: str = "auto") -> QuantPolicy:
     if name in _REGISTRY:
         return _REGISTRY[name](config)
-    return recipe_policy(name, config)
+    return recipe_policy(name, config, q4_0_impl)

@@ -1,0 +1,130 @@
+"""Q4_0 fake-quant as one Pallas (Triton) kernel: each fp32 weight is read once and its dequantized value
+written once, in the compute dtype.
+
+Under XLA the block max is a reduction and the quantize/dequantize/cast its same-shape consumer; XLA:GPU
+keeps them in two fusions, so every weight is read twice per fake-quant (BENCHMARKS.md, attempt 10). Here a
+program loads a tile that holds whole blocks of 32, finds each block's first max-|x| element in registers
+and writes the dequantized tile. The codes come from `formats.q4_0_codes`, the XLA path's own function, so
+the two paths are bit-identical (tests: interpret mode on CPU; `benchmarks/bench_q4_0.py` on the GPU).
+
+A pallas_call is opaque to the SPMD partitioner, so `use_kernel` picks it only on one GPU; elsewhere the
+policy keeps the XLA path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from gemma_qat.quant import formats
+
+BLOCK = formats.Q4_0_BLOCK_SIZE
+TILE = 256  # elements of the tile's other dimension: 32 × 256 fp32 = 32 KiB per program
+_MIN_TILE = 16
+IMPLS = ("auto", "xla", "pallas")
+
+
+def _tile(n: int) -> int:
+    """The largest power of two <= TILE that divides n (Triton blocks are powers of two); 0 if < 16."""
+    t = TILE
+    while t >= _MIN_TILE:
+        if n % t == 0:
+            return t
+        t //= 2
+    return 0
+
+
+def _view(shape: tuple[int, ...], axis: int) -> tuple[tuple[int, int], bool] | None:
+    """The 2-D view the kernel runs on, and whether the blocks run along its rows (axis 0).
+
+    Blocks along a leading or middle axis: [prod(before)·K, prod(after)], blocks of 32 rows (K % 32 == 0,
+    so no block straddles two leading indices). Along the last axis: [prod(before), K], blocks of 32 columns.
+    None when the other dimension has no power-of-two tile >= 16.
+    """
+    k = shape[axis]
+    if k % BLOCK:
+        return None
+    before = int(np.prod(shape[:axis], dtype=np.int64))
+    after = int(np.prod(shape[axis + 1:], dtype=np.int64))
+    if after > 1:
+        return ((before * k, after), True) if _tile(after) else None
+    return ((before, k), False) if _tile(before) else None
+
+
+def supported(shape: tuple[int, ...], axis: int) -> bool:
+    return _view(tuple(shape), axis % len(shape)) is not None
+
+
+def use_kernel(impl: str, shape: tuple[int, ...], axis: int) -> bool:
+    """'pallas' forces the kernel (error if the shape cannot take it); 'auto' takes it on one GPU."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown Q4_0 implementation {impl!r}; choose one of {IMPLS}")
+    if impl == "xla":
+        return False
+    ok = supported(shape, axis)
+    if impl == "pallas":
+        if not ok:
+            raise ValueError(f"the Q4_0 kernel cannot take shape {tuple(shape)} along axis {axis}: the axis must "
+                             f"be a multiple of {BLOCK} and the other dims' product divisible by {_MIN_TILE}; "
+                             "use q4_0_impl='xla'")
+        return True
+    return ok and jax.default_backend() == "gpu" and jax.device_count() == 1
+
+
+def _kernel(x_ref, o_ref, *, rows: bool):
+    x = x_ref[...].astype(jnp.float32)  # [32, tile] (rows) or [tile, 32]
+    red = 0 if rows else 1
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    mag = bits & np.uint32(0x7FFFFFFF)  # |x| bits order like |x|; NaN above inf, as argmax sees it
+    top = jnp.max(mag, axis=red, keepdims=True)
+    pos = jax.lax.broadcasted_iota(jnp.int32, x.shape, red)
+    first = jnp.min(jnp.where(mag == top, pos, BLOCK), axis=red, keepdims=True)  # the first on ties
+    sign = jnp.max(jnp.where(pos == first, bits >> 31, np.uint32(0)), axis=red, keepdims=True)
+    mx = jax.lax.bitcast_convert_type(top | (sign << 31), jnp.float32)  # signed, -0.0 kept
+    q, d = formats.q4_0_codes(x, mx)
+    d16 = d.astype(jnp.float16).astype(jnp.float32)  # the stored fp16 scale, as the reader sees it
+    o_ref[...] = ((q - np.float32(8.0)) * d16).astype(o_ref.dtype)
+
+
+def _call(w: jax.Array, axis: int, dtype, interpret: bool) -> jax.Array:
+    (m, n), rows = _view(w.shape, axis)
+    x = w.reshape(m, n)  # a view: no data moves
+    if rows:
+        t = _tile(n)
+        block, grid, index = (BLOCK, t), (m // BLOCK, n // t), (lambda i, j: (i, j))
+    else:
+        t = _tile(m)
+        block, grid, index = (t, BLOCK), (m // t, n // BLOCK), (lambda i, j: (i, j))
+    out = pl.pallas_call(
+        functools.partial(_kernel, rows=rows),
+        out_shape=jax.ShapeDtypeStruct((m, n), dtype),
+        grid=grid,
+        in_specs=[pl.BlockSpec(block, index)],
+        out_specs=pl.BlockSpec(block, index),
+        interpret=interpret,
+        name="q4_0_fake_quant",
+    )(x)
+    return out.reshape(w.shape)
+
+
+def q4_0_fake_quant_fused(w: jax.Array, *, in_axis: int, dtype=None, interpret: bool | None = None) -> jax.Array:
+    """formats.q4_0_fake_quant(w, in_axis=...).astype(dtype) in one pass; identity gradient (in w.dtype).
+
+    `interpret` runs the kernel through Pallas' interpreter; None = only where there is no GPU (CPU tests)."""
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    axis = int(in_axis) % w.ndim
+    if not supported(w.shape, axis):
+        raise ValueError(f"the Q4_0 kernel cannot take shape {tuple(w.shape)} along axis {axis}")
+    out_dtype = jnp.dtype(dtype or w.dtype)
+
+    @jax.custom_vjp
+    def f(w):
+        return _call(w, axis, out_dtype, interpret)
+
+    f.defvjp(lambda w: (_call(w, axis, out_dtype, interpret), None), lambda _, g: (g.astype(w.dtype),))
+    return f(w)
