@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The whole BENCHMARKS.md matrix in one go on one GPU: the MoE grouped-matmul micro-benchmark, bench-1b (all
-# modes, profiled), E2B full size and 26B-A4B at 4 layers (full remat, then QAT with remat "weights"), then
-# the PyTorch peer on bench-1b, on the same card in the same run. Cold, it needs more than one 10-minute
-# device call: with a fresh autotune cache each big config compiles in 1.5 to 5 minutes per mode.
+# The whole BENCHMARKS.md matrix in one go on one GPU: the MoE grouped-matmul tile sweep, the Q4_0 fake-quant
+# micro-benchmark, bench-1b (all modes, profiled; QAT again with the XLA Q4_0 path), E2B full size and 26B-A4B
+# at 4 layers (plain under full remat, the QAT modes under remat "weights"), then the PyTorch peer on all three
+# (E2B and 26B-A4B-4l through bench_peer.py), on the same card in the same run. Cold, it needs more than one 10-minute device call: with a fresh
+# autotune cache each big config compiles in 1.5 to 5 minutes per mode.
 #
 #   bash benchmarks/run_all.sh OUT_DIR [PEER_SCRIPT]      # PEER_SCRIPT: shared/bench/peer_torchao_qat.py
 #
@@ -29,15 +30,23 @@ run() {  # name, then bench_step.py arguments
 
 echo "== grouped"
 timeout "$limit" "$py" "$here/bench_grouped.py" --sweep 2>&1 | tee "$out/grouped.log" | grep -v '^JSON'
+echo "== q4_0"
+timeout "$limit" "$py" "$here/bench_q4_0.py" --config bench-1b 2>&1 | tee "$out/q4_0.log" | grep -v '^JSON'
 run bench-1b --config bench-1b --batch 2 --seq 2048 --steps 6 --profile "$out/profile"
-run e2b --config e2b --freeze-embeddings --remat full --steps 4
-run 26b-a4b-4l --config 26b-a4b-4l --freeze-embeddings --remat full --steps 4
-run e2b-weights --config e2b --freeze-embeddings --remat weights --modes qat --steps 4
-run 26b-a4b-4l-weights --config 26b-a4b-4l --freeze-embeddings --remat weights --modes qat --steps 4
+run bench-1b-xla-q4_0 --config bench-1b --batch 2 --seq 2048 --steps 6 --modes qat --q4-0-impl xla
+run e2b-plain --config e2b --freeze-embeddings --remat full --modes plain --steps 4
+run e2b-qat --config e2b --freeze-embeddings --remat weights --modes qat,qat+teacher --steps 4
+run 26b-a4b-4l-plain --config 26b-a4b-4l --freeze-embeddings --remat full --modes plain --steps 4
+run 26b-a4b-4l-qat --config 26b-a4b-4l --freeze-embeddings --remat weights --modes qat,qat+teacher --steps 4
 if [[ -n "$peer" ]]; then
   echo "== peer: $peer"
   timeout "$limit" "$py" "$peer" --config bench-1b --batch 2 --seq 2048 --steps 6 2>&1 | tee "$out/peer.txt" \
     | grep -E '^(plain|qat|PEER)'
+  for c in e2b 26b-a4b-4l; do  # configs the peer script lacks, through our HF config mapping
+    echo "== peer $c"
+    timeout "$limit" "$py" "$here/bench_peer.py" "$peer" --config $c --batch 2 --seq 2048 --steps 4 2>&1 \
+      | tee "$out/peer-$c.txt" | grep -E '^(plain|qat|PEER)'
+  done
 fi
 grep -h '^JSON ' "$out"/*.txt | sed 's/^JSON //' > "$out/results.jsonl"
 echo "rows: $out/results.jsonl"

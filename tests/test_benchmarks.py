@@ -7,6 +7,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+from gemma_qat.model.params import count_params
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -47,3 +51,18 @@ def test_bench_q4_0_finds_the_kernel_bit_identical():
     row = _json_line(out.stdout)
     assert row["weights"] == 12 and row["kernel_weights"] == 12
     assert row["mismatched"] == 0 and row["stress_mismatched"] == 0
+
+
+@pytest.mark.parametrize("name", ["bench-1b", "e2b", "26b-a4b-4l"])
+def test_the_peer_builds_the_model_we_benchmark(name):
+    # bench_peer.py hands these fields to transformers for the peer's E2B and 26B-A4B-4l columns.
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_peer import peer_config
+    from bench_step import bench_config
+
+    with torch.device("meta"):
+        model = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**peer_config(name)))
+    hf_total = sum(p.numel() for n, p in model.named_parameters() if n != "lm_head.weight")  # tied head
+    assert hf_total == count_params(bench_config(name))["total_params"]
