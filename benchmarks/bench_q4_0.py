@@ -3,6 +3,7 @@ bit-equality of the XLA path (formats.py) and the one-pass Pallas kernel (quant/
 the bf16 cast the plain step does instead.
 
     python benchmarks/bench_q4_0.py --config bench-1b        # on the GPU
+    python benchmarks/bench_q4_0.py --config bench-1b --sweep   # + the kernel's tile and warp counts
     python benchmarks/bench_q4_0.py --config tiny-e2b     # CPU smoke run (Pallas' interpreter)
 
 Each weight is random fp32 of its real shape, passed along the axis the model quantizes it on. `equal`
@@ -23,9 +24,12 @@ from bench_step import bench_config  # benchmarks/ is on sys.path
 from gemma_qat.model.params import abstract_params, flat_shapes
 from gemma_qat.quant import formats
 from gemma_qat.quant.policy import weight_axes, weight_in_axes
-from gemma_qat.quant.q4_0_kernel import q4_0_fake_quant_fused, supported
+from gemma_qat.quant.q4_0_kernel import Launch, q4_0_fake_quant_fused, supported
 from gemma_qat.quant.recipe import get_recipe, resolve
 from timing import median_seconds
+
+
+SWEEP = [Launch(t, w) for t in (128, 256, 512, 1024) for w in (2, 4, 8)]
 
 
 def _weights(name: str, limit: int):
@@ -54,6 +58,7 @@ def main():
     ap.add_argument("--config", default="bench-1b")
     ap.add_argument("--limit", type=int, default=0, help="only the first N weights (0 = all)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--sweep", action="store_true", help="also time the kernel at each launch shape of SWEEP")
     args = ap.parse_args()
 
     items = _weights(args.config, args.limit)
@@ -64,9 +69,11 @@ def main():
 
     cast = jax.jit(lambda ws: [w.astype(jnp.bfloat16) for w in ws])
     xla = jax.jit(lambda ws: [formats.q4_0_fake_quant(w, in_axis=a).astype(jnp.bfloat16) for w, a in zip(ws, ax)])
-    kern = jax.jit(lambda ws: [q4_0_fake_quant_fused(w, in_axis=a, dtype=jnp.bfloat16)
-                               if f else formats.q4_0_fake_quant(w, in_axis=a).astype(jnp.bfloat16)
-                               for w, a, f in zip(ws, ax, fused)])
+    def kernel(launch: Launch):
+        return jax.jit(lambda ws: [q4_0_fake_quant_fused(w, in_axis=a, dtype=jnp.bfloat16, launch=launch)
+                                   if f else formats.q4_0_fake_quant(w, in_axis=a).astype(jnp.bfloat16)
+                                   for w, a, f in zip(ws, ax, fused)])
+    kern = kernel(Launch())
 
     def bits(t):
         return np.asarray(jax.lax.bitcast_convert_type(t, jnp.uint16))
@@ -85,6 +92,12 @@ def main():
         t = median_seconds(fn, ws, reps=args.reps)
         row[f"{name}_ms"] = t * 1e3
         print(f"{name:7s} {t*1e3:8.2f} ms   {gb/t:7.0f} GB/s of fp32 read once", flush=True)
+    if args.sweep:
+        row["sweep"] = []
+        for launch in SWEEP:
+            t = median_seconds(kernel(launch), ws, reps=args.reps)
+            row["sweep"].append({**launch._asdict(), "ms": t * 1e3})
+            print(f"  tile {launch.tile:5d} warps {launch.num_warps}: {t*1e3:7.2f} ms  {gb/t:6.0f} GB/s", flush=True)
     print(f"{row['kernel_weights']}/{row['weights']} weights through the kernel, {row['params']:,} parameters; "
           f"bf16 outputs differing from the XLA path: {mismatched} (stress tensor: {s_mismatched})")
     print("JSON " + json.dumps(row))

@@ -31,7 +31,7 @@ run() {  # name, then bench_step.py arguments
 echo "== grouped"
 timeout "$limit" "$py" "$here/bench_grouped.py" --sweep 2>&1 | tee "$out/grouped.log" | grep -v '^JSON'
 echo "== q4_0"
-timeout "$limit" "$py" "$here/bench_q4_0.py" --config bench-1b 2>&1 | tee "$out/q4_0.log" | grep -v '^JSON'
+timeout "$limit" "$py" "$here/bench_q4_0.py" --config bench-1b --sweep 2>&1 | tee "$out/q4_0.log" | grep -v '^JSON'
 run bench-1b --config bench-1b --batch 2 --seq 2048 --steps 6 --profile "$out/profile"
 run bench-1b-xla-q4_0 --config bench-1b --batch 2 --seq 2048 --steps 6 --modes qat --q4-0-impl xla
 run e2b-plain --config e2b --freeze-embeddings --remat full --modes plain --steps 4

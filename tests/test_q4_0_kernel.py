@@ -100,3 +100,12 @@ def test_policy_with_the_kernel_gives_the_same_logits_and_gradients():
     np.testing.assert_array_equal(np.asarray(l_p), np.asarray(l_x))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_p), jax.tree.leaves(g_x)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("launch", [q4_0_kernel.Launch(16), q4_0_kernel.Launch(64, 2), q4_0_kernel.Launch(1024, 8)])
+def test_launch_shape_does_not_change_the_bits(launch):
+    w = jnp.asarray(_hard((128, 64), 0))
+    ref = formats.q4_0_fake_quant(w, in_axis=0).astype(jnp.bfloat16)
+    for axis, x, r in ((0, w, ref), (1, w.T, ref.T)):  # blocks down the rows, then along the last axis
+        out = q4_0_kernel.q4_0_fake_quant_fused(x, in_axis=axis, dtype=jnp.bfloat16, launch=launch)
+        np.testing.assert_array_equal(_bits(out), _bits(r))

@@ -14,23 +14,35 @@ policy keeps the XLA path.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from gemma_qat.quant import formats
 
 BLOCK = formats.Q4_0_BLOCK_SIZE
-TILE = 256  # elements of the tile's other dimension: 32 × 256 fp32 = 32 KiB per program
 _MIN_TILE = 16
 IMPLS = ("auto", "xla", "pallas")
 
 
-def _tile(n: int) -> int:
-    """The largest power of two <= TILE that divides n (Triton blocks are powers of two); 0 if < 16."""
-    t = TILE
+class Launch(NamedTuple):
+    """`tile`: the most elements of the tile's other dimension (32 × 256 fp32 = 32 KiB per program);
+    `num_warps`: Triton warps per program (None = Pallas' default). Untuned: `bench_q4_0.py --sweep`."""
+
+    tile: int = 256
+    num_warps: int | None = None
+
+
+TILE = Launch().tile
+
+
+def _tile(n: int, most: int = TILE) -> int:
+    """The largest power of two <= `most` that divides n (Triton blocks are powers of two); 0 if < 16."""
+    t = most
     while t >= _MIN_TILE:
         if n % t == 0:
             return t
@@ -90,15 +102,17 @@ def _kernel(x_ref, o_ref, *, rows: bool):
     o_ref[...] = ((q - np.float32(8.0)) * d16).astype(o_ref.dtype)
 
 
-def _call(w: jax.Array, axis: int, dtype, interpret: bool) -> jax.Array:
+def _call(w: jax.Array, axis: int, dtype, interpret: bool, launch: Launch) -> jax.Array:
     (m, n), rows = _view(w.shape, axis)
     x = w.reshape(m, n)  # a view: no data moves
     if rows:
-        t = _tile(n)
+        t = _tile(n, launch.tile)
         block, grid, index = (BLOCK, t), (m // BLOCK, n // t), (lambda i, j: (i, j))
     else:
-        t = _tile(m)
+        t = _tile(m, launch.tile)
         block, grid, index = (t, BLOCK), (m // t, n // BLOCK), (lambda i, j: (i, j))
+    params = {} if interpret or launch.num_warps is None else {
+        "compiler_params": pltriton.CompilerParams(num_warps=launch.num_warps)}
     out = pl.pallas_call(
         functools.partial(_kernel, rows=rows),
         out_shape=jax.ShapeDtypeStruct((m, n), dtype),
@@ -107,11 +121,13 @@ def _call(w: jax.Array, axis: int, dtype, interpret: bool) -> jax.Array:
         out_specs=pl.BlockSpec(block, index),
         interpret=interpret,
         name="q4_0_fake_quant",
+        **params,
     )(x)
     return out.reshape(w.shape)
 
 
-def q4_0_fake_quant_fused(w: jax.Array, *, in_axis: int, dtype=None, interpret: bool | None = None) -> jax.Array:
+def q4_0_fake_quant_fused(w: jax.Array, *, in_axis: int, dtype=None, interpret: bool | None = None,
+                          launch: Launch = Launch()) -> jax.Array:
     """formats.q4_0_fake_quant(w, in_axis=...).astype(dtype) in one pass; identity gradient (in w.dtype).
 
     `interpret` runs the kernel through Pallas' interpreter; None = only where there is no GPU (CPU tests)."""
@@ -124,7 +140,7 @@ def q4_0_fake_quant_fused(w: jax.Array, *, in_axis: int, dtype=None, interpret: 
 
     @jax.custom_vjp
     def f(w):
-        return _call(w, axis, out_dtype, interpret)
+        return _call(w, axis, out_dtype, interpret, launch)
 
-    f.defvjp(lambda w: (_call(w, axis, out_dtype, interpret), None), lambda _, g: (g.astype(w.dtype),))
+    f.defvjp(lambda w: (_call(w, axis, out_dtype, interpret, launch), None), lambda _, g: (g.astype(w.dtype),))
     return f(w)
