@@ -6,7 +6,7 @@
     [data]        spec, tokenizer, seq_len, global_batch_size, seed
     [optimizer]   AdamW + warmup/cosine, clipping, accumulation, dtypes
     [distill]     temperature / alpha and their schedules, loss chunk size
-    [quant]       student quantization recipe name (`none` = float student)
+    [quant]       student quantization recipe name (`none` = float student); q4_0_impl (xla | pallas | auto)
     [mesh]        sharding.MeshConfig fields (data, fsdp, tensor, expert, recipe)
     [checkpoint]  where and how often, how many to keep
     [logging]     cadence, TensorBoard, peak FLOP/s for MFU
