@@ -58,7 +58,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--impls", default="blocked,kernel")
+    ap.add_argument("--impls", default="blocked,kernel,kernel-nk",
+                    help="blocked, ragged, kernel; '-nk' = weights stored [G, N, K] (the MoE gate/up layout)")
     ap.add_argument("--sweep", action="store_true", help="time the kernels at each tile shape of SWEEP")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="which expert products (gate_up, down)")
     args = ap.parse_args()
@@ -76,9 +77,14 @@ def main():
         w = jax.random.normal(ks[1], (g, k, n), jnp.float32) * k ** -0.5
         dy = jax.random.normal(ks[2], (m, n), jnp.float32)
 
-        def fwd_bwd(impl, dtype):
+        w_nk = jnp.swapaxes(w, 1, 2)  # the same weights stored [G, N, K], as the MoE's gate/up is
+
+        def fwd_bwd(impl, dtype):  # impl "<name>-nk": w stored [G, N, K] (transpose_w), dw returned so
+            base, nk = impl.removesuffix("-nk"), impl.endswith("-nk")
+
             def f(x, w, dy):
-                y, vjp = jax.vjp(lambda x, w: grouped_matmul(x, w, sizes, impl=impl), x.astype(dtype), w.astype(dtype))
+                y, vjp = jax.vjp(lambda x, w: grouped_matmul(x, w, sizes, impl=base, transpose_w=nk),
+                                 x.astype(dtype), w.astype(dtype))
                 return (y, *vjp(dy.astype(y.dtype)))
             return jax.jit(f)
 
@@ -90,10 +96,12 @@ def main():
         row = {"shape": name, "K": k, "N": n, "dense_ms": t_dense * 1e3, "dense_tflops": flops / t_dense / 1e12}
         for impl in args.impls.split(","):
             try:
-                fn = fwd_bwd(impl, jnp.bfloat16)
-                got = fn(x, w, dy)
+                fn, wi = fwd_bwd(impl, jnp.bfloat16), (w_nk if impl.endswith("-nk") else w)
+                got = fn(x, wi, dy)
+                if impl.endswith("-nk"):
+                    got = (got[0], got[1], jnp.swapaxes(got[2], 1, 2))
                 err = {f"err_{t}": _rel(gv, rv) for t, gv, rv in zip(("y", "dx", "dw"), got, ref)}
-                t = median_seconds(fn, x, w, dy)
+                t = median_seconds(fn, x, wi, dy)
                 row[impl] = {"ms": t * 1e3, "tflops": flops / t / 1e12, **err}
             except Exception as e:  # noqa: BLE001 — report and go on to the next implementation
                 row[impl] = {"error": repr(e)[:400]}

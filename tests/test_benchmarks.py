@@ -33,13 +33,13 @@ def test_bench_step_runs_a_tiny_moe_qat_teacher_step():
 
 def test_bench_grouped_reports_small_errors():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_grouped.py"), "--tokens", "32", "--experts", "8",
-                          "--top-k", "2", "--impls", "blocked,ragged"], capture_output=True, text=True, timeout=600,
+                          "--top-k", "2", "--impls", "blocked,ragged,blocked-nk"], capture_output=True, text=True, timeout=600,
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = _json_line(out.stdout)["rows"]
     assert [r["shape"] for r in rows] == ["gate_up", "down"]
     for r in rows:
-        for impl in ("blocked", "ragged"):
+        for impl in ("blocked", "ragged", "blocked-nk"):  # -nk: weights stored [G, N, K]
             errs = [r[impl][f"err_{t}"] for t in ("y", "dx", "dw")]
             assert all(0 < e < 1e-2 for e in errs), (impl, errs)  # bf16 against the fp32 product
 

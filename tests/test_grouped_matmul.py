@@ -69,25 +69,45 @@ def test_moe_layer_same_with_either_grouped_impl():
     np.testing.assert_allclose(flat(outs["blocked"]), flat(outs["ragged"]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("nk", [False, True], ids=["w_kn", "w_nk"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_vjp_algebra_with_reference_kernels(dtype):
+def test_kernel_vjp_algebra_with_reference_kernels(dtype, nk):
     """The Hopper kernels' custom VJP (dx through the transposed-weight product, dw through the per-group
-    transposed product), run with lax.ragged_dot stand-ins: equals autodiff of ragged_dot."""
+    transposed product), run with lax.ragged_dot stand-ins: equals autodiff of ragged_dot. With the weight
+    stored [G, N, K] (`for_nk_weights`) the same kernels in other roles give the same numbers, and the
+    gradient comes back in the stored layout."""
     sizes = [5, 0, 17, 1, 9, 0]
     m, k, n = sum(sizes), 16, 8
     ks = jax.random.split(jax.random.PRNGKey(3), 3)
     x = jax.random.normal(ks[0], (m, k)).astype(dtype)
-    w = jax.random.normal(ks[1], (len(sizes), k, n)).astype(dtype)
+    w = jax.random.normal(ks[1], (len(sizes), n, k) if nk else (len(sizes), k, n)).astype(dtype)
     ct = jax.random.normal(ks[2], (m, n)).astype(dtype)
     gs = jnp.array(sizes, jnp.int32)
-    got, vjp = jax.vjp(lambda x, w: GM.kernel_grouped_matmul(x, w, gs, GM.reference_kernels()), x, w)
-    ref, vjp_ref = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w, gs, preferred_element_type=jnp.float32)
+    kernels = GM.for_nk_weights(GM.reference_kernels()) if nk else GM.reference_kernels()
+    as_kn = (lambda w: jnp.swapaxes(w, 1, 2)) if nk else (lambda w: w)
+    got, vjp = jax.vjp(lambda x, w: GM.kernel_grouped_matmul(x, w, gs, kernels), x, w)
+    ref, vjp_ref = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, as_kn(w), gs, preferred_element_type=jnp.float32)
                            .astype(dtype), x, w)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     for a, b in ((got, ref), *zip(vjp(ct), vjp_ref(ct))):
         assert a.dtype == b.dtype == dtype
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+    assert vjp(ct)[1].shape == w.shape
     assert np.abs(np.asarray(vjp(ct)[1], np.float32)[np.array(sizes) == 0]).max() == 0
+
+
+@pytest.mark.parametrize("impl", ["ragged", "blocked"])
+def test_transposed_weights_give_the_same_product(impl):
+    sizes = [3, 0, 6, 2]
+    ks = jax.random.split(jax.random.PRNGKey(4), 2)
+    x = jax.random.normal(ks[0], (sum(sizes), 12))
+    w_nk = jax.random.normal(ks[1], (len(sizes), 10, 12))  # [G, N, K]
+    gs = jnp.array(sizes, jnp.int32)
+    got = grouped_matmul(x, w_nk, gs, impl=impl, transpose_w=True, block=4)
+    ref = jax.lax.ragged_dot(x, jnp.swapaxes(w_nk, 1, 2), gs, preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown grouped matmul impl 'dense'"):
+        grouped_matmul(x, w_nk, gs, impl="dense", transpose_w=True)
 
 
 def test_auto_picks_the_kernels_only_on_one_hopper_gpu(monkeypatch):

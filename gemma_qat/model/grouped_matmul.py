@@ -28,7 +28,9 @@ custom VJP:
     dx = ragged(dy, wᵀ)          [M, K]   (the same kernel, reading w transposed)
     dw = transposed_ragged(x, dy) [G, K, N]
 
-bf16 operands, fp32 accumulation, bf16 results.
+bf16 operands, fp32 accumulation, bf16 results. A weight stored [G, N, K] (`transpose_w`, as the MoE's
+gate/up weight [E, 2F, D] is) takes the same three kernels in other roles (`for_nk_weights`), so no copy of
+the weights is ever transposed.
 """
 
 from __future__ import annotations
@@ -45,23 +47,27 @@ KERNEL_DIM_MULTIPLE = 64  # every tile edge of the Hopper kernels below divides 
 
 
 def grouped_matmul(x: Array, w: Array, group_sizes: Array, *, impl: str = "auto", block: int = 128,
-                   preferred_element_type=jnp.float32) -> Array:
-    """x [M, K] (rows sorted by group), w [G, K, N], group_sizes [G] int (sum M) → [M, N].
+                   preferred_element_type=jnp.float32, transpose_w: bool = False) -> Array:
+    """x [M, K] (rows sorted by group), w [G, K, N] ([G, N, K] with `transpose_w`), group_sizes [G] int
+    (sum M) → [M, N].
 
     impl "ragged": jax.lax.ragged_dot. "blocked": the padded-block form above. "kernel": the Hopper
     Pallas kernels (bf16 result). "auto": ragged on TPU, where it is native; the kernels on one Hopper GPU
     when K and N are multiples of 64; blocked elsewhere (a Pallas call is opaque to XLA's SPMD
     partitioner, so under a multi-device mesh the blocked form, which XLA partitions, is kept)."""
+    if impl not in GROUPED_IMPLS:
+        raise ValueError(f"unknown grouped matmul impl {impl!r}; use one of {GROUPED_IMPLS}")
     if impl == "auto":
-        impl = auto_impl(x.shape[1], w.shape[2])
-    if impl == "ragged":
-        return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=preferred_element_type)
+        impl = auto_impl(x.shape[1], w.shape[1] if transpose_w else w.shape[2])
     if impl == "kernel":
         bf16 = jnp.bfloat16
-        out = kernel_grouped_matmul(x.astype(bf16), w.astype(bf16), group_sizes.astype(jnp.int32), mgpu_kernels())
+        kernels = for_nk_weights(mgpu_kernels()) if transpose_w else mgpu_kernels()
+        out = kernel_grouped_matmul(x.astype(bf16), w.astype(bf16), group_sizes.astype(jnp.int32), kernels)
         return out.astype(preferred_element_type)
-    if impl != "blocked":
-        raise ValueError(f"unknown grouped matmul impl {impl!r}; use one of {GROUPED_IMPLS}")
+    if transpose_w:
+        w = jnp.swapaxes(w, 1, 2)  # [G, K, N]
+    if impl == "ragged":
+        return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=preferred_element_type)
     m, k = x.shape
     g, _, n = w.shape
     nb = -(-m // block) + g
@@ -116,6 +122,17 @@ def _kgm_bwd(kernels, res, dy):
 
 
 kernel_grouped_matmul.defvjp(_kgm_fwd, _kgm_bwd)
+
+
+def _swapped_tdot(x, dy, sizes, *, tdot):
+    return tdot(dy, x, sizes)
+
+
+@functools.cache
+def for_nk_weights(kernels: GroupedKernels) -> GroupedKernels:
+    """The same products for weights stored [G, N, K]: y = x·wᵀ is the dot_t kernel, dx = dy·w the dot
+    kernel, and dw [G, N, K] = dyᵀ·x per group the tdot kernel with its operands swapped."""
+    return GroupedKernels(kernels.dot_t, kernels.dot, functools.partial(_swapped_tdot, tdot=kernels.tdot))
 
 
 class Tiles(NamedTuple):

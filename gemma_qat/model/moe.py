@@ -53,8 +53,8 @@ class MoE(nn.Module):
         tok = order // self.top_k
         group_sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
         xs = xf[tok]  # [BT·k, D]
-        w_gu = gating().reshape(e, 2 * f, d).transpose(0, 2, 1)  # [E, D, 2F]
-        gu = grouped_matmul(xs, w_gu, group_sizes, impl=self.grouped).astype(self.dtype)
+        w_gu = gating().reshape(e, 2 * f, d)  # [E, 2F, D] as stored: the kernels read it transposed in place
+        gu = grouped_matmul(xs, w_gu, group_sizes, impl=self.grouped, transpose_w=True).astype(self.dtype)
         h = gelu_tanh(gu[:, :f]) * gu[:, f:]  # [BT·k, F]
         ys = grouped_matmul(h, linear(), group_sizes, impl=self.grouped)
         ys = ys * top_w.reshape(-1)[order][:, None]
