@@ -41,7 +41,9 @@ def reference_grads(params):
 def test_gradients_do_not_depend_on_remat(params, reference_grads, remat):
     grads = jax.jit(jax.grad(_loss(remat)))(params)
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(reference_grads)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-7,
+        # fp32 reassociation only: the recompute may fuse (and so sum) in another order than the forward.
+        scale = float(np.abs(np.asarray(r)).max())
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5 * scale + 1e-9,
                                    err_msg=jax.tree_util.keystr(path))
 
 

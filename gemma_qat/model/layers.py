@@ -153,7 +153,9 @@ class FeedForward(nn.Module):
         kw = dict(quant=self.quant, dtype=self.dtype, param_dtype=self.param_dtype)
         gating = Einsum((2, self.hidden, self.d_model), (None, "mlp", "embed"), (2,), name="gating_einsum", **kw)
         linear = Einsum((self.hidden, self.d_model), ("mlp", "embed"), (0,), name="linear", **kw)
-        gate_up = gating("BTD,CFD->CBTF", x)  # [2, B, T, F]
-        h = gelu_tanh(gate_up[0]) * gate_up[1]
+        # [B, T, 2, F]: the GEMM's natural output order. With [2, B, T, F] XLA transposes the output, and the
+        # input gradient contracts (2, F), two axes that are not adjacent there, through another transpose.
+        gate_up = gating("BTD,CFD->BTCF", x)
+        h = gelu_tanh(gate_up[..., 0, :]) * gate_up[..., 1, :]
         h = nn.with_logical_constraint(h, ("act_batch", "act_seq", "act_mlp"))
         return linear("BTF,FD->BTD", h)
