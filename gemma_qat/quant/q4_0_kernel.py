@@ -107,18 +107,19 @@ def _call(w: jax.Array, axis: int, dtype, interpret: bool, launch: Launch) -> ja
     x = w.reshape(m, n)  # a view: no data moves
     if rows:
         t = _tile(n, launch.tile)
-        block, grid, index = (BLOCK, t), (m // BLOCK, n // t), (lambda i, j: (i, j))
+        block, grid = (BLOCK, t), (m // BLOCK, n // t)
     else:
         t = _tile(m, launch.tile)
-        block, grid, index = (t, BLOCK), (m // t, n // BLOCK), (lambda i, j: (i, j))
+        block, grid = (t, BLOCK), (m // t, n // BLOCK)
+    spec = pl.BlockSpec(block, lambda i, j: (i, j))  # program (i, j) owns tile (i, j) of input and output
     params = {} if interpret or launch.num_warps is None else {
         "compiler_params": pltriton.CompilerParams(num_warps=launch.num_warps)}
     out = pl.pallas_call(
         functools.partial(_kernel, rows=rows),
         out_shape=jax.ShapeDtypeStruct((m, n), dtype),
         grid=grid,
-        in_specs=[pl.BlockSpec(block, index)],
-        out_specs=pl.BlockSpec(block, index),
+        in_specs=[spec],
+        out_specs=spec,
         interpret=interpret,
         name="q4_0_fake_quant",
         **params,
@@ -135,7 +136,8 @@ def q4_0_fake_quant_fused(w: jax.Array, *, in_axis: int, dtype=None, interpret: 
         interpret = jax.default_backend() != "gpu"
     axis = int(in_axis) % w.ndim
     if not supported(w.shape, axis):
-        raise ValueError(f"the Q4_0 kernel cannot take shape {tuple(w.shape)} along axis {axis}")
+        raise ValueError(f"the Q4_0 kernel cannot take shape {tuple(w.shape)} along axis {axis} (see "
+                         "q4_0_kernel.supported); use formats.q4_0_fake_quant")
     out_dtype = jnp.dtype(dtype or w.dtype)
 
     @jax.custom_vjp
