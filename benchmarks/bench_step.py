@@ -5,6 +5,7 @@ training, QAT without a teacher and QAT with an online BF16 teacher, on identica
     python benchmarks/bench_step.py --config e2b --freeze-embeddings --remat full
     python benchmarks/bench_step.py --config 26b-a4b-4l --freeze-embeddings --remat full
     python benchmarks/bench_step.py --modes qat+teacher --profile /tmp/prof   # + per-kernel breakdown
+    python benchmarks/bench_step.py --modes qat+teacher --pipeline   # the training pipeline's own step
 
 Each mode runs in its own process so peak memory is per mode. MFU follows shared/bench/README.md:
 (6·N + attention) per token for the student, plus (2·N + attention/3) for an online teacher,
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from gemma_qat.distill import chunked_ce_loss, chunked_distill_loss
+from gemma_qat.distill import DistillSchedule, chunked_ce_loss, chunked_distill_loss
 from gemma_qat.model.config import get_config, interleave
 from gemma_qat.model.grouped_matmul import GROUPED_IMPLS
 from gemma_qat.model.params import init_params
@@ -37,7 +38,11 @@ from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant.policy import RecipePolicy
 from gemma_qat.quant.q4_0_kernel import IMPLS as Q4_0_IMPLS
 from gemma_qat.quant.recipe import get_recipe, resolve
+from gemma_qat.train.config import DistillSection, OptimizerSection
 from gemma_qat.train.metrics import matmul_params
+from gemma_qat.train.optimizer import lr_schedule, make_optimizer
+from gemma_qat.train.state import TrainState
+from gemma_qat.train.step import make_step_fn
 
 MODES = ("plain", "qat", "qat+teacher")
 
@@ -69,22 +74,12 @@ def _merge(a, b):
     return traverse_util.unflatten_dict({**traverse_util.flatten_dict(a), **traverse_util.flatten_dict(b)})
 
 
-def run_mode(args) -> dict:
-    cfg = bench_config(args.config)
-    mode = args.mode
-    quant = RecipePolicy(resolve(get_recipe("q4_0", cfg), cfg), q4_0_impl=args.q4_0_impl) if "qat" in mode else None
-    kw = dict(dtype=jnp.bfloat16, remat=args.remat, attention=args.attention, grouped=args.grouped)
-    student = Transformer(cfg, **({"quant": quant} if quant else {}), **kw)
-    teacher = Transformer(cfg, **kw)
-    params = jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(0))
+def _lean_step(args, cfg, mode, student, teacher, params, tokens, labels):
+    """The benchmark's own step: CE or KL through the fused loss, plain AdamW. -> (jitted step, its
+    arguments, and a function from its outputs and arguments to the next arguments and the loss)."""
     train, frozen = _split(params, args.freeze_embeddings)
     t_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params) if "teacher" in mode else None
-    del params
     tx = optax.adamw(1e-5, weight_decay=0.0)
-    opt = tx.init(train)
-    b, t = args.batch, args.seq
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (b, t), 0, cfg.vocab_size)
-    labels = jnp.roll(tokens, -1, axis=1)
 
     def loss_fn(train, frozen, t_params, tokens, labels):
         h, table = student.apply({"params": _merge(train, frozen)}, tokens, return_hidden=True)
@@ -99,15 +94,53 @@ def run_mode(args) -> dict:
         return optax.apply_updates(train, upd), opt, loss
 
     step = jax.jit(step, donate_argnums=(0, 1))  # old weights and moments never coexist with new
+    return step, (train, tx.init(train), frozen, t_params, tokens, labels), lambda out, a: ((*out[:2], *a[2:]), out[2])
+
+
+def _pipeline_step(args, cfg, mode, student, teacher, params, tokens, labels):
+    """The training pipeline's own step (train/step.py): KL from the bf16 teacher with its schedule, the
+    run config's default optimizer (AdamW, warmup/cosine, global-norm clipping, decay masks), the step's
+    metrics, and a batch as the data pipeline packs it: two documents per row (segment ids, restarting
+    positions, loss mask)."""
+    o, d = OptimizerSection(), DistillSection(chunk_size=args.chunk)
+    tx = make_optimizer(o)
+    fn = make_step_fn(student, teacher, tx, DistillSchedule(d.temperature, d.alpha), lr_schedule(o),
+                      grad_accum_steps=o.grad_accum_steps, chunk_size=d.chunk_size)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(2))
+    b, t = tokens.shape
+    half = jnp.arange(t) >= t // 2  # [T]
+    batch = {"tokens": tokens, "targets": labels, "loss_mask": jnp.ones((b, t), jnp.int32),
+             "segment_ids": jnp.broadcast_to(1 + half, (b, t)).astype(jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(t) - half * (t // 2), (b, t)).astype(jnp.int32)}
+    t_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    step = jax.jit(fn, donate_argnums=(0,))
+    return step, (state, t_params, batch), lambda out, a: ((out[0], *a[1:]), out[1]["loss"])
+
+
+def run_mode(args) -> dict:
+    cfg = bench_config(args.config)
+    mode = args.mode
+    quant = RecipePolicy(resolve(get_recipe("q4_0", cfg), cfg), q4_0_impl=args.q4_0_impl) if "qat" in mode else None
+    kw = dict(dtype=jnp.bfloat16, remat=args.remat, attention=args.attention, grouped=args.grouped)
+    student = Transformer(cfg, **({"quant": quant} if quant else {}), **kw)
+    teacher = Transformer(cfg, **kw)
+    params = jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(0))
+    b, t = args.batch, args.seq
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (b, t), 0, cfg.vocab_size)
+    labels = jnp.roll(tokens, -1, axis=1)
+    build = _pipeline_step if args.pipeline else _lean_step
+    step, a, advance = build(args, cfg, mode, student, teacher, params, tokens, labels)
+    del params
     t0 = time.perf_counter()
-    step = step.lower(train, opt, frozen, t_params, tokens, labels).compile()  # AOT: its HLO for --profile
+    step = step.lower(*a).compile()  # AOT: its HLO for --profile
     compile_s = time.perf_counter() - t0
-    train, opt, loss = step(train, opt, frozen, t_params, tokens, labels)  # warm-up
+    a, loss = advance(step(*a), a)  # warm-up
     loss.block_until_ready()
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        train, opt, loss = step(train, opt, frozen, t_params, tokens, labels)
+        a, loss = advance(step(*a), a)
         loss.block_until_ready()
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times[1:] if len(times) > 2 else times)
@@ -117,7 +150,7 @@ def run_mode(args) -> dict:
         pdir = f"{args.profile}/{mode.replace('+', '_')}"
         with jax.profiler.trace(pdir, create_perfetto_trace=True):
             for _ in range(2):
-                train, opt, loss = step(train, opt, frozen, t_params, tokens, labels)
+                a, loss = advance(step(*a), a)
             loss.block_until_ready()
         summary = summarise(pdir, steps=2, hlo_text=step.as_text())
         pathlib.Path(f"{pdir}.txt").write_text(summary)
@@ -125,7 +158,7 @@ def run_mode(args) -> dict:
     tok_s = b * t / dt
     stats = jax.devices()[0].memory_stats() or {}
     return {"config": cfg.name, "mode": mode, "batch": b, "seq": t, "remat": args.remat, "attention": args.attention,
-            "grouped": args.grouped, "q4_0_impl": args.q4_0_impl,
+            "grouped": args.grouped, "q4_0_impl": args.q4_0_impl, "pipeline": args.pipeline,
             "freeze_embeddings": args.freeze_embeddings, "step_s": dt, "tokens_per_s": tok_s,
             "mfu": tok_s * flops_per_token(cfg, t, "teacher" in mode) / args.peak,
             "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "compile_s": compile_s,
@@ -146,11 +179,15 @@ def main():
     ap.add_argument("--grouped", default="auto", choices=list(GROUPED_IMPLS), help="MoE grouped matmul")
     ap.add_argument("--q4-0-impl", default="auto", choices=list(Q4_0_IMPLS),
                     help="Q4_0 fake-quant: XLA, the one-pass Pallas kernel, or auto (the kernel on one GPU)")
+    ap.add_argument("--pipeline", action="store_true",
+                    help="time the training pipeline's own step (train/step.py, default optimizer, packed batch)")
     ap.add_argument("--profile", help="also trace 2 steps into DIR/<mode> and summarise kernels into DIR/<mode>.txt")
     ap.add_argument("--peak", type=float, default=989e12)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--mode", help=argparse.SUPPRESS)  # one mode, in a child process
     args = ap.parse_args()
+    if args.pipeline and not args.mode and (args.modes != "qat+teacher" or args.freeze_embeddings):
+        ap.error("--pipeline times the distillation step: use --modes qat+teacher, without --freeze-embeddings")
     if args.mode:
         print("RESULT " + json.dumps(run_mode(args)), flush=True)
         return
@@ -159,7 +196,7 @@ def main():
         cmd = [sys.executable, __file__, "--mode", mode, "--config", args.config, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--chunk", str(args.chunk),
                "--remat", args.remat, "--peak", str(args.peak), "--attention", args.attention, "--grouped", args.grouped,
-               "--q4-0-impl", args.q4_0_impl]
+               "--q4-0-impl", args.q4_0_impl] + ["--pipeline"] * args.pipeline
         cmd += ["--freeze-embeddings"] * args.freeze_embeddings + (["--profile", args.profile] if args.profile else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if args.profile:
@@ -172,7 +209,8 @@ def main():
         r = rows[-1]
         print(f"{r['config']:12s} {mode:12s} step {r['step_s']*1e3:8.1f} ms  {r['tokens_per_s']:9.0f} tok/s  "
               f"MFU {100*r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  compile {r['compile_s']:.0f}s  "
-              f"attention {args.attention}  remat {args.remat}  q4_0 {args.q4_0_impl}", flush=True)
+              f"attention {args.attention}  remat {args.remat}  q4_0 {args.q4_0_impl}"
+              + ("  pipeline step" if args.pipeline else ""), flush=True)
     print("JSON " + json.dumps(rows))
 
 

@@ -34,6 +34,7 @@ echo "== q4_0"
 timeout "$limit" "$py" "$here/bench_q4_0.py" --config bench-1b --sweep 2>&1 | tee "$out/q4_0.log" | grep -v '^JSON'
 run bench-1b --config bench-1b --batch 2 --seq 2048 --steps 6 --profile "$out/profile"
 run bench-1b-xla-q4_0 --config bench-1b --batch 2 --seq 2048 --steps 6 --modes qat --q4-0-impl xla
+run bench-1b-pipeline --config bench-1b --batch 2 --seq 2048 --steps 6 --modes qat+teacher --pipeline
 run e2b-plain --config e2b --freeze-embeddings --remat full --modes plain --steps 4
 run e2b-qat --config e2b --freeze-embeddings --remat weights --modes qat,qat+teacher --steps 4
 run 26b-a4b-4l-plain --config 26b-a4b-4l --freeze-embeddings --remat full --modes plain --steps 4

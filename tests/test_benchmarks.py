@@ -31,6 +31,16 @@ def test_bench_step_runs_a_tiny_moe_qat_teacher_step():
     assert math.isfinite(row["loss"]) and row["loss"] >= 0 and row["tokens_per_s"] > 0
 
 
+def test_bench_step_times_the_pipeline_step():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_step.py"), "--config", "tiny-e2b",
+                          "--batch", "2", "--seq", "64", "--chunk", "32", "--steps", "2", "--modes", "qat+teacher",
+                          "--pipeline"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = _json_line(out.stdout)
+    assert row["pipeline"] and row["mode"] == "qat+teacher"
+    assert math.isfinite(row["loss"]) and row["loss"] >= 0 and row["tokens_per_s"] > 0
+
+
 def test_bench_grouped_reports_small_errors():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_grouped.py"), "--tokens", "32", "--experts", "8",
                           "--top-k", "2", "--impls", "blocked,ragged,blocked-nk"], capture_output=True, text=True, timeout=600,
