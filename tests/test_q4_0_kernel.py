@@ -80,6 +80,32 @@ def test_which_shapes_and_backends_take_the_kernel():
         RecipePolicy(resolve(get_recipe("q4_0", get_config("tiny-e2b")), get_config("tiny-e2b")), q4_0_impl="x")
 
 
+def test_auto_takes_the_kernel_only_on_one_nvidia_gpu(monkeypatch):
+    class Dev:
+        def __init__(self, cc):
+            if cc is not None:
+                self.compute_capability = cc
+
+    def world(backend, count=1, cc="9.0"):
+        monkeypatch.setattr(q4_0_kernel.jax, "default_backend", lambda: backend)
+        monkeypatch.setattr(q4_0_kernel.jax, "device_count", lambda: count)
+        monkeypatch.setattr(q4_0_kernel.jax, "devices", lambda: [Dev(cc)] * count)
+
+    world("gpu")
+    assert q4_0_kernel.use_kernel("auto", (2048, 8192), 0)
+    assert not q4_0_kernel.use_kernel("auto", (40, 64), 0)  # the shape cannot take it: XLA
+    world("gpu", cc="8.0")
+    assert q4_0_kernel.use_kernel("auto", (2048, 8192), 0)
+    world("gpu", cc="7.5")
+    assert not q4_0_kernel.use_kernel("auto", (2048, 8192), 0)
+    world("gpu", cc=None)  # no CUDA compute capability (e.g. ROCm)
+    assert not q4_0_kernel.use_kernel("auto", (2048, 8192), 0)
+    world("gpu", count=8)  # a Pallas call is opaque to the SPMD partitioner
+    assert not q4_0_kernel.use_kernel("auto", (2048, 8192), 0)
+    world("tpu")
+    assert not q4_0_kernel.use_kernel("auto", (2048, 8192), 0)
+
+
 def test_policy_with_the_kernel_gives_the_same_logits_and_gradients():
     cfg = get_config("tiny-26b-a4b")  # dense and MoE layers, attention einsums of 3 and 4 dims
     params = init_params(cfg, jax.random.PRNGKey(0))

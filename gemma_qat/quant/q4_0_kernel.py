@@ -72,7 +72,8 @@ def supported(shape: tuple[int, ...], axis: int) -> bool:
 
 
 def use_kernel(impl: str, shape: tuple[int, ...], axis: int) -> bool:
-    """'pallas' forces the kernel (error if the shape cannot take it); 'auto' takes it on one GPU."""
+    """'pallas' forces the kernel (error if the shape cannot take it); 'auto' takes it on one NVIDIA GPU
+    of compute capability 8.0 or newer."""
     if impl not in IMPLS:
         raise ValueError(f"unknown Q4_0 implementation {impl!r}; choose one of {IMPLS}")
     if impl == "xla":
@@ -84,7 +85,16 @@ def use_kernel(impl: str, shape: tuple[int, ...], axis: int) -> bool:
                              f"be a multiple of {BLOCK} and the other dims' product divisible by {_MIN_TILE}; "
                              "use q4_0_impl='xla'")
         return True
-    return ok and jax.default_backend() == "gpu" and jax.device_count() == 1
+    return ok and jax.default_backend() == "gpu" and jax.device_count() == 1 and _cuda_ampere_or_newer()
+
+
+def _cuda_ampere_or_newer() -> bool:
+    # Triton's NVIDIA backend; ROCm devices and unknown GPUs keep the XLA path under "auto".
+    cc = str(getattr(jax.devices()[0], "compute_capability", ""))
+    try:
+        return int(cc.split(".")[0]) >= 8
+    except ValueError:
+        return False
 
 
 def _kernel(x_ref, o_ref, *, rows: bool):
