@@ -37,7 +37,7 @@ class RecipePolicy:
     `backend="aqt"` computes the weight fake-quant through AQT (aqt_backend.py), which reproduces
     formats.py bit for bit; the default calls formats.py directly (fewer layers, same numbers).
     `q4_0_impl` (formats backend): "xla" runs formats.py's Q4_0 under XLA, "pallas" the one-pass kernel
-    of q4_0_kernel.py (same bits), "auto" the kernel on one GPU where the shape allows. The kernel
+    of q4_0_kernel.py (same bits), "auto" the kernel on one NVIDIA GPU where the shape allows. The kernel
     writes the weight in the calling module's compute dtype, which the module casts to anyway."""
 
     def __init__(self, resolution: Resolution, *, calibrating: bool = False, backend: str = "formats",
