@@ -110,16 +110,8 @@ def test_transposed_weights_give_the_same_product(impl):
         grouped_matmul(x, w_nk, gs, impl="dense", transpose_w=True)
 
 
-def test_auto_picks_the_kernels_only_on_one_hopper_gpu(monkeypatch):
-    class Dev:
-        def __init__(self, cc):
-            self.compute_capability = cc
-
-    def world(backend, count=1, cc="9.0"):
-        monkeypatch.setattr(GM.jax, "default_backend", lambda: backend)
-        monkeypatch.setattr(GM.jax, "device_count", lambda: count)
-        monkeypatch.setattr(GM.jax, "devices", lambda: [Dev(cc)] * count)
-
+def test_auto_picks_the_kernels_only_on_one_hopper_gpu(fake_devices):
+    world = fake_devices
     world("tpu")
     assert GM.auto_impl(2816, 1408) == "ragged"
     world("cpu")

@@ -80,17 +80,8 @@ def test_which_shapes_and_backends_take_the_kernel():
         RecipePolicy(resolve(get_recipe("q4_0", get_config("tiny-e2b")), get_config("tiny-e2b")), q4_0_impl="x")
 
 
-def test_auto_takes_the_kernel_only_on_one_nvidia_gpu(monkeypatch):
-    class Dev:
-        def __init__(self, cc):
-            if cc is not None:
-                self.compute_capability = cc
-
-    def world(backend, count=1, cc="9.0"):
-        monkeypatch.setattr(q4_0_kernel.jax, "default_backend", lambda: backend)
-        monkeypatch.setattr(q4_0_kernel.jax, "device_count", lambda: count)
-        monkeypatch.setattr(q4_0_kernel.jax, "devices", lambda: [Dev(cc)] * count)
-
+def test_auto_takes_the_kernel_only_on_one_nvidia_gpu(fake_devices):
+    world = fake_devices
     world("gpu")
     assert q4_0_kernel.use_kernel("auto", (2048, 8192), 0)
     assert not q4_0_kernel.use_kernel("auto", (40, 64), 0)  # the shape cannot take it: XLA

@@ -41,6 +41,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gemma_qat.devices import single_gpu_cc_major
+
 Array = jax.Array
 GROUPED_IMPLS = ("ragged", "blocked", "kernel", "auto")
 KERNEL_DIM_MULTIPLE = 64  # every tile edge of the Hopper kernels below divides K and N
@@ -86,13 +88,10 @@ def grouped_matmul(x: Array, w: Array, group_sizes: Array, *, impl: str = "auto"
 
 
 def auto_impl(k: int, n: int) -> str:
-    backend = jax.default_backend()
-    if backend == "tpu":
+    if jax.default_backend() == "tpu":
         return "ragged"
-    if (backend == "gpu" and jax.device_count() == 1 and k % KERNEL_DIM_MULTIPLE == 0
-            and n % KERNEL_DIM_MULTIPLE == 0
-            and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")):
-        return "kernel"
+    if single_gpu_cc_major() == 9 and k % KERNEL_DIM_MULTIPLE == 0 and n % KERNEL_DIM_MULTIPLE == 0:
+        return "kernel"  # the kernels use Hopper's wgmma
     return "blocked"
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from gemma_qat.devices import single_gpu_cc_major
 from gemma_qat.quant import formats
 
 BLOCK = formats.Q4_0_BLOCK_SIZE
@@ -85,16 +86,8 @@ def use_kernel(impl: str, shape: tuple[int, ...], axis: int) -> bool:
                              f"be a multiple of {BLOCK} and the other dims' product divisible by {_MIN_TILE}; "
                              "use q4_0_impl='xla'")
         return True
-    return ok and jax.default_backend() == "gpu" and jax.device_count() == 1 and _cuda_ampere_or_newer()
-
-
-def _cuda_ampere_or_newer() -> bool:
-    # Triton's NVIDIA backend; ROCm devices and unknown GPUs keep the XLA path under "auto".
-    cc = str(getattr(jax.devices()[0], "compute_capability", ""))
-    try:
-        return int(cc.split(".")[0]) >= 8
-    except ValueError:
-        return False
+    cc = single_gpu_cc_major()  # Triton's NVIDIA backend; ROCm and unknown GPUs keep the XLA path
+    return ok and cc is not None and cc >= 8
 
 
 def _kernel(x_ref, o_ref, *, rows: bool):
