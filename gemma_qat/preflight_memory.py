@@ -70,14 +70,10 @@ def _layer(cfg: ModelConfig, i: int, g: StepGeometry) -> tuple[int, int, int]:
     return full, dots, bt * (d + p) * c
 
 
-def _layer_weights(cfg: ModelConfig) -> list[int]:
-    """Elements of each layer's matmul weights (every Einsum `w`: what remat="weights" keeps)."""
-    out = [0] * cfg.num_layers
-    for path, shape in flat_shapes(abstract_params(cfg)).items():
-        layer, _, rest = path.partition("/")
-        if layer.startswith("layer_") and rest.rpartition("/")[2] == "w":
-            out[int(layer.removeprefix("layer_"))] += math.prod(shape)
-    return out
+def _layer_weight_elements(cfg: ModelConfig) -> int:
+    """Elements of all layers' matmul weights (every Einsum `w`: what remat="weights" keeps)."""
+    return sum(math.prod(shape) for path, shape in flat_shapes(abstract_params(cfg)).items()
+               if path.startswith("layer_") and path.rpartition("/")[2] == "w")
 
 
 def _outside_layers(cfg: ModelConfig, g: StepGeometry) -> int:
@@ -92,7 +88,7 @@ def estimate(student: ModelConfig, teacher: ModelConfig | None, g: StepGeometry)
     pick = {"none": 0, "dots": 1, "full": 2, "weights": 2}[g.remat]
     saved = sum(layer[pick] for layer in layers) + _outside_layers(student, g)
     if g.remat == "weights":
-        saved += sum(_layer_weights(student)) * g.compute_bytes
+        saved += _layer_weight_elements(student) * g.compute_bytes
     a_max = max(layer[0] for layer in layers)
     backward = a_max * (1 if g.remat == "none" else 2)
     teacher_fwd = 0 if teacher is None else (
