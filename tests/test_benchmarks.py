@@ -14,39 +14,34 @@ from gemma_qat.model.params import count_params
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _json_line(stdout: str):
-    lines = [l for l in stdout.splitlines() if l.startswith("JSON ")]
-    assert lines, stdout
+def _run(script: str, *args: str):
+    """Runs benchmarks/<script> with args; returns its last `JSON ` line, parsed."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [l for l in out.stdout.splitlines() if l.startswith("JSON ")]
+    assert lines, out.stdout
     return json.loads(lines[-1][5:])
 
 
 def test_bench_step_runs_a_tiny_moe_qat_teacher_step():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_step.py"), "--config", "tiny-26b-a4b",
-                          "--batch", "2", "--seq", "64", "--chunk", "32", "--steps", "2", "--modes", "qat+teacher",
-                          "--remat", "weights", "--grouped", "blocked", "--freeze-embeddings"],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    (row,) = _json_line(out.stdout)
+    (row,) = _run("bench_step.py", "--config", "tiny-26b-a4b", "--batch", "2", "--seq", "64", "--chunk", "32",
+                  "--steps", "2", "--modes", "qat+teacher", "--remat", "weights", "--grouped", "blocked",
+                  "--freeze-embeddings")
     assert (row["mode"], row["remat"], row["grouped"]) == ("qat+teacher", "weights", "blocked")
     assert math.isfinite(row["loss"]) and row["loss"] >= 0 and row["tokens_per_s"] > 0
 
 
 def test_bench_step_times_the_pipeline_step():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_step.py"), "--config", "tiny-e2b",
-                          "--batch", "2", "--seq", "64", "--chunk", "32", "--steps", "2", "--modes", "qat+teacher",
-                          "--pipeline"], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    (row,) = _json_line(out.stdout)
+    (row,) = _run("bench_step.py", "--config", "tiny-e2b", "--batch", "2", "--seq", "64", "--chunk", "32",
+                  "--steps", "2", "--modes", "qat+teacher", "--pipeline")
     assert row["pipeline"] and row["mode"] == "qat+teacher"
     assert math.isfinite(row["loss"]) and row["loss"] >= 0 and row["tokens_per_s"] > 0
 
 
 def test_bench_grouped_reports_small_errors():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_grouped.py"), "--tokens", "32", "--experts", "8",
-                          "--top-k", "2", "--impls", "blocked,ragged,blocked-nk"], capture_output=True, text=True, timeout=600,
-                         cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = _json_line(out.stdout)["rows"]
+    rows = _run("bench_grouped.py", "--tokens", "32", "--experts", "8", "--top-k", "2",
+                "--impls", "blocked,ragged,blocked-nk")["rows"]
     assert [r["shape"] for r in rows] == ["gate_up", "down"]
     for r in rows:
         for impl in ("blocked", "ragged", "blocked-nk"):  # -nk: weights stored [G, N, K]
@@ -55,10 +50,7 @@ def test_bench_grouped_reports_small_errors():
 
 
 def test_bench_q4_0_finds_the_kernel_bit_identical():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_q4_0.py"), "--config", "tiny-e2b",
-                          "--reps", "1", "--limit", "12"], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    row = _json_line(out.stdout)
+    row = _run("bench_q4_0.py", "--config", "tiny-e2b", "--reps", "1", "--limit", "12")
     assert row["weights"] == 12 and row["kernel_weights"] == 12
     assert row["mismatched"] == 0 and row["stress_mismatched"] == 0
 

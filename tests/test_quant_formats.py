@@ -101,7 +101,7 @@ def test_ties_case_discriminates_fma():
 
 
 def test_first_absmax_is_the_argmax_rule():
-    """The knockout block max equals argmax(|x|) + take (first on ties) bit for bit: small-integer
+    """The uint64-key block max equals argmax(|x|) + take (first on ties) bit for bit: small-integer
     blocks tie often, in both signs; -0.0 blocks keep their sign bit; a NaN reaches the result."""
     r = _rng(5)
     x = r.integers(-6, 7, (3000, 32)).astype(np.float32)
