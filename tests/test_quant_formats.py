@@ -327,3 +327,16 @@ def test_registry_and_bits_per_weight():
         F.int_fake_quant(jnp.zeros((4, 4)), bits=3, in_axis=0)
     with pytest.raises(Exception):
         F.FORMATS["int8"].bits = 7  # frozen
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_q4_0_kernel_matches_gguf(name):
+    """The one-pass Pallas kernel (q4_0_kernel.py, interpreter on CPU) against gguf.quants directly, not only
+    against formats.py: blocks laid out [rows, 32], zero blocks padding the rows to the kernel's tile of 16."""
+    from gemma_qat.quant.q4_0_kernel import q4_0_fake_quant_fused
+
+    blocks = CASES[name].reshape(-1, 32)
+    w = np.concatenate([blocks, np.zeros((-len(blocks) % 16, 32), np.float32)])
+    _, deq_ref = _gguf(w)
+    got = np.asarray(q4_0_fake_quant_fused(jnp.asarray(w), in_axis=1, dtype=jnp.float32))
+    np.testing.assert_array_equal(got.view(np.uint32), deq_ref.astype(np.float32).view(np.uint32))
