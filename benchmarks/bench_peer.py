@@ -11,6 +11,10 @@ MFU (the PLE table and all experts too), so compare tokens/s, not its MFU, for E
 configs its QAT is not ours: torchao's QATConfig swaps nn.Linear modules, and transformers keeps the experts
 as 3-D parameters of one module, so the peer fake-quantizes the router and the dense layers but trains the
 experts (3.0 B of 26B-A4B-4l's 3.3 B trained parameters) in plain bf16.
+
+On a GPU the peer's models are built there (torch's default device) rather than on the CPU and then moved:
+the peer script initialises each model in fp32 on the host, which takes longer than its timed steps for
+the 4 B-parameter configs. Only the untimed setup changes; the steps and the peak memory are the peer's.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ def main(argv: list[str]) -> None:
     if name not in peer.CONFIGS:
         peer.CONFIGS[name] = peer_config(name)
     sys.argv = [path, *rest]
+    import torch
+    if torch.cuda.is_available():
+        torch.set_default_device("cuda")
     peer.main()
 
 

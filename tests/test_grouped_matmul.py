@@ -123,3 +123,35 @@ def test_auto_picks_the_kernels_only_on_one_hopper_gpu(fake_devices):
     assert GM.auto_impl(2816, 1408) == "blocked"  # the SPMD partitioner cannot split a Pallas call
     world("gpu", cc="8.0")
     assert GM.auto_impl(2816, 1408) == "blocked"  # the kernels use Hopper's wgmma
+
+
+@pytest.mark.parametrize("fold", [1, 3])
+def test_gather_rows_backward_is_a_gather_with_autodiffs_numbers(fold):
+    """gather_rows (the MoE's dispatch, fold = k, and its return to token order, fold = 1) gives autodiff's
+    gradient of x[idx], without the scatter-add that autodiff would emit."""
+    from gemma_qat.model.moe import gather_rows
+    n, d = 7, 5
+    perm = jax.random.permutation(jax.random.PRNGKey(fold), n * fold)
+    idx, back = perm // fold, jnp.argsort(perm)
+    x = jax.random.normal(jax.random.PRNGKey(9), (n, d))
+    ct = jax.random.normal(jax.random.PRNGKey(10), (n * fold, d))
+    got, vjp = jax.vjp(lambda x: gather_rows(x, idx, back, fold), x)
+    ref, vjp_ref = jax.vjp(lambda x: x[idx], x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    np.testing.assert_allclose(np.asarray(vjp(ct)[0]), np.asarray(vjp_ref(ct)[0]), rtol=1e-6, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(lambda x: vjp(ct))(x))
+    assert "scatter" not in jaxpr and "gather" in jaxpr
+    assert "scatter-add" in str(jax.make_jaxpr(lambda x: jax.vjp(lambda x: x[idx], x)[1](ct))(x))  # control
+
+
+def test_moe_moves_token_rows_without_scatter():
+    """Neither direction of the MoE layer scatters rows of width D (what is left are [E]- and [B, T, E]-sized:
+    the group count and the router's gradients)."""
+    cfg = get_config("tiny-26b-a4b")
+    kw = dict(d_model=cfg.d_model, num_experts=cfg.num_experts, top_k=cfg.top_k_experts,
+              hidden=cfg.expert_ffn_dim, quant=NoQuant(), grouped="ragged")
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, cfg.d_model))
+    params = MoE(**kw).init(jax.random.PRNGKey(1), x, x)
+    grad = jax.grad(lambda p, x: jnp.sum(MoE(**kw).apply(p, x, x) ** 2), argnums=(0, 1))
+    lines = [l for l in str(jax.make_jaxpr(grad)(params, x)).splitlines() if "= scatter" in l]
+    assert lines and not [l for l in lines if f",{cfg.d_model}]" in l], lines

@@ -40,10 +40,13 @@ def reference_grads(params):
 @pytest.mark.parametrize("remat", sorted(set(REMAT_POLICIES) - {"none"}))
 def test_gradients_do_not_depend_on_remat(params, reference_grads, remat):
     grads = jax.jit(jax.grad(_loss(remat)))(params)
+    # fp32 reassociation only: the recompute may fuse (and so sum) in another order than the forward. The
+    # rounding scales with the terms summed, not with the result, so a gradient that cancels to ~0 (a
+    # skip scale's, 2e-9) is held to the tree's scale, and every other one to its own.
+    top = max(float(np.abs(np.asarray(r)).max()) for r in jax.tree.leaves(reference_grads))
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(reference_grads)):
-        # fp32 reassociation only: the recompute may fuse (and so sum) in another order than the forward.
         scale = float(np.abs(np.asarray(r)).max())
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5 * scale + 1e-9,
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5 * scale + 1e-7 * top,
                                    err_msg=jax.tree_util.keystr(path))
 
 

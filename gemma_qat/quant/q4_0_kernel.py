@@ -31,11 +31,12 @@ IMPLS = ("auto", "xla", "pallas")
 
 
 class Launch(NamedTuple):
-    """`tile`: the most elements of the tile's other dimension (32 × 256 fp32 = 32 KiB per program);
-    `num_warps`: Triton warps per program (None = Pallas' default). Untuned: `bench_q4_0.py --sweep`."""
+    """`tile`: the most elements of the tile's other dimension (32 × 128 fp32 = 16 KiB per program);
+    `num_warps`: Triton warps per program (None = Pallas' default). The defaults won `bench_q4_0.py --sweep`
+    on an H100 (BENCHMARKS.md): 3.94 ms over bench-1b's weights, against 4.96 ms at 256 and the default warps."""
 
-    tile: int = 256
-    num_warps: int | None = None
+    tile: int = 128
+    num_warps: int | None = 4
 
 
 TILE = Launch().tile
