@@ -37,6 +37,7 @@ from gemma_qat.model.params import init_params
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant.policy import RecipePolicy
 from gemma_qat.quant.q4_0_kernel import IMPLS as Q4_0_IMPLS
+from gemma_qat.loss_kernel import IMPLS as LOSS_IMPLS
 from gemma_qat.quant.recipe import get_recipe, resolve
 from gemma_qat.train.config import DistillSection, OptimizerSection
 from gemma_qat.train.metrics import matmul_params
@@ -84,9 +85,11 @@ def _lean_step(args, cfg, mode, student, teacher, params, tokens, labels):
     def loss_fn(train, frozen, t_params, tokens, labels):
         h, table = student.apply({"params": _merge(train, frozen)}, tokens, return_hidden=True)
         if t_params is None:
-            return chunked_ce_loss(h, table, labels, softcap=cfg.final_softcap, chunk_size=args.chunk)[0]
+            return chunked_ce_loss(h, table, labels, softcap=cfg.final_softcap, chunk_size=args.chunk,
+                                   loss_impl=args.loss_impl)[0]
         th, ttable = teacher.apply({"params": t_params}, tokens, return_hidden=True)
-        return chunked_distill_loss(h, th, table, ttable, softcap=cfg.final_softcap, chunk_size=args.chunk)[0]
+        return chunked_distill_loss(h, th, table, ttable, softcap=cfg.final_softcap, chunk_size=args.chunk,
+                                    loss_impl=args.loss_impl)[0]
 
     def step(train, opt, frozen, t_params, tokens, labels):
         loss, g = jax.value_and_grad(loss_fn)(train, frozen, t_params, tokens, labels)
@@ -105,7 +108,7 @@ def _pipeline_step(args, cfg, mode, student, teacher, params, tokens, labels):
     o, d = OptimizerSection(), DistillSection(chunk_size=args.chunk)
     tx = make_optimizer(o)
     fn = make_step_fn(student, teacher, tx, DistillSchedule(d.temperature, d.alpha), lr_schedule(o),
-                      grad_accum_steps=o.grad_accum_steps, chunk_size=d.chunk_size)
+                      grad_accum_steps=o.grad_accum_steps, chunk_size=d.chunk_size, loss_impl=args.loss_impl)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                        rng=jax.random.PRNGKey(2))
     b, t = tokens.shape
@@ -158,7 +161,7 @@ def run_mode(args) -> dict:
     tok_s = b * t / dt
     stats = jax.devices()[0].memory_stats() or {}
     return {"config": cfg.name, "mode": mode, "batch": b, "seq": t, "remat": args.remat, "attention": args.attention,
-            "grouped": args.grouped, "q4_0_impl": args.q4_0_impl, "pipeline": args.pipeline,
+            "grouped": args.grouped, "q4_0_impl": args.q4_0_impl, "loss_impl": args.loss_impl, "pipeline": args.pipeline,
             "freeze_embeddings": args.freeze_embeddings, "step_s": dt, "tokens_per_s": tok_s,
             "mfu": tok_s * flops_per_token(cfg, t, "teacher" in mode) / args.peak,
             "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "compile_s": compile_s,
@@ -179,6 +182,8 @@ def main():
     ap.add_argument("--grouped", default="auto", choices=list(GROUPED_IMPLS), help="MoE grouped matmul")
     ap.add_argument("--q4-0-impl", default="auto", choices=list(Q4_0_IMPLS),
                     help="Q4_0 fake-quant: XLA, the one-pass Pallas kernel, or auto (the kernel on one GPU)")
+    ap.add_argument("--loss-impl", default="auto", choices=list(LOSS_IMPLS),
+                    help="the loss's vocabulary passes: XLA, the two Pallas kernels, or auto (the kernels on one GPU)")
     ap.add_argument("--pipeline", action="store_true",
                     help="time the training pipeline's own step (train/step.py, default optimizer, packed batch)")
     ap.add_argument("--profile", help="also trace 2 steps into DIR/<mode> and summarise kernels into DIR/<mode>.txt")
@@ -196,7 +201,7 @@ def main():
         cmd = [sys.executable, __file__, "--mode", mode, "--config", args.config, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--chunk", str(args.chunk),
                "--remat", args.remat, "--peak", str(args.peak), "--attention", args.attention, "--grouped", args.grouped,
-               "--q4-0-impl", args.q4_0_impl] + ["--pipeline"] * args.pipeline
+               "--q4-0-impl", args.q4_0_impl, "--loss-impl", args.loss_impl] + ["--pipeline"] * args.pipeline
         cmd += ["--freeze-embeddings"] * args.freeze_embeddings + (["--profile", args.profile] if args.profile else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if args.profile:
@@ -209,7 +214,7 @@ def main():
         r = rows[-1]
         print(f"{r['config']:12s} {mode:12s} step {r['step_s']*1e3:8.1f} ms  {r['tokens_per_s']:9.0f} tok/s  "
               f"MFU {100*r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  compile {r['compile_s']:.0f}s  "
-              f"attention {args.attention}  remat {args.remat}  q4_0 {args.q4_0_impl}"
+              f"attention {args.attention}  remat {args.remat}  q4_0 {args.q4_0_impl}  loss {args.loss_impl}"
               + ("  pipeline step" if args.pipeline else ""), flush=True)
     print("JSON " + json.dumps(rows))
 

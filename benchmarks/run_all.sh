@@ -30,6 +30,8 @@ run() {  # name, then bench_step.py arguments
 
 echo "== grouped"
 timeout "$limit" "$py" "$here/bench_grouped.py" --sweep 2>&1 | tee "$out/grouped.log" | grep -v '^JSON'
+echo "== loss"
+timeout "$limit" "$py" "$here/bench_loss.py" --config bench-1b 2>&1 | tee "$out/loss.log" | grep -v '^JSON'
 echo "== q4_0"
 timeout "$limit" "$py" "$here/bench_q4_0.py" --config bench-1b --sweep 2>&1 | tee "$out/q4_0.log" | grep -v '^JSON'
 run bench-1b --config bench-1b --batch 2 --seq 2048 --steps 6 --profile "$out/profile"

@@ -117,13 +117,15 @@ def chunked_distill_loss(student_h: Array, teacher_h: Array, student_embed: Arra
                          teacher_embed: Array, *, softcap: float | None,
                          temperature: Scalar = 1.0, alpha: Scalar = 0.0,
                          labels: Array | None = None, mask: Array | None = None,
-                         chunk_size: int = 256, fused: bool = True) -> tuple[Array, dict[str, Array]]:
+                         chunk_size: int = 256, fused: bool = True, loss_impl: str = "auto"
+                         ) -> tuple[Array, dict[str, Array]]:
     """(1-alpha) * T^2 * KL(teacher || student) + alpha * CE, masked mean, chunked over T.
 
     student_h/teacher_h [B, T, D] (after final norm); embeds [V, D]; labels [B, T] int;
     mask [B, T] 0/1 or bool. Teacher inputs get stop_gradient.
     fused (default): fused_loss.py forms the gradient in the forward, one pass per chunk; aux then
-    carries no gradient. fused=False: autodiff through a rematerialised chunk (the reference).
+    carries no gradient; `loss_impl` (loss_kernel.IMPLS) picks its vocabulary passes: XLA, or two Pallas
+    kernels (auto: on one GPU). fused=False: autodiff through a rematerialised chunk (the reference).
     """
     _check_static(temperature, alpha)
     with_ce = _needs_ce(alpha, labels)
@@ -132,7 +134,7 @@ def chunked_distill_loss(student_h: Array, teacher_h: Array, student_embed: Arra
     if fused:
         return fused_distill_loss(student_h, teacher_h, student_embed, teacher_embed, softcap=softcap,
                                   temperature=temperature, alpha=alpha, labels=labels if with_ce else None,
-                                  weights=w, with_ce=with_ce, chunk_size=chunk_size)
+                                  weights=w, with_ce=with_ce, chunk_size=chunk_size, impl=loss_impl)
     temp = jnp.asarray(temperature, jnp.float32)
     t_h = jax.lax.stop_gradient(teacher_h)  # [B, T, D]
     t_e = jax.lax.stop_gradient(teacher_embed)  # [V, D]
@@ -151,14 +153,14 @@ def chunked_distill_loss(student_h: Array, teacher_h: Array, student_embed: Arra
 
 
 def chunked_ce_loss(h: Array, embed: Array, labels: Array, *, softcap: float | None,
-                    mask: Array | None = None, chunk_size: int = 256, fused: bool = True
-                    ) -> tuple[Array, dict[str, Array]]:
+                    mask: Array | None = None, chunk_size: int = 256, fused: bool = True,
+                    loss_impl: str = "auto") -> tuple[Array, dict[str, Array]]:
     """Next-token cross-entropy without a teacher (plain training, QAT on labels), chunked like
     the distillation loss so no [B, T, V] fp32 logits exist at once (fused: as chunked_distill_loss)."""
     bt = h.shape[:2]
     w = _weights(mask, bt)  # [B, T]
     if fused:
-        return fused_ce_loss(h, embed, labels, softcap=softcap, weights=w, chunk_size=chunk_size)
+        return fused_ce_loss(h, embed, labels, softcap=softcap, weights=w, chunk_size=chunk_size, impl=loss_impl)
 
     def body(xs):
         hc, lb, wc = xs  # [B, c, D], [B, c], [B, c]

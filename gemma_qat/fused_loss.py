@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from gemma_qat import loss_kernel
+
 Array = jax.Array
 # Finite stand-in for −inf when masking logits: keeps logsumexp and its gradient finite even if every
 # entry is masked (k == V in the top-k loss).
@@ -102,7 +104,8 @@ def _topk_terms(s, lp, ids, temp, scale):
     return kl, agree, scale * g
 
 
-def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce: bool, chunk: int, grads: bool):
+def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce: bool, chunk: int, grads: bool,
+         impl: str = "auto"):
     """Loss sums (and with `grads`, dL/dh [B, T, D] and dL/dE [V, D]) over chunks of T."""
     b, t, d = sh.shape
     c, n = chunk_geometry(t, chunk)
@@ -111,6 +114,7 @@ def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce:
     g_kl = (1.0 - alpha) * temp / denom  # T² (Hinton) × 1/T (d(s/T)/ds), per unit token weight
     g_ce = (alpha if kind == "kl" else 1.0) / denom
     e = table.astype(sh.dtype)  # [V, D] in the compute dtype, like the model's own head
+    te = None
     if kind == "kl":
         th, t_table = teacher
         te = t_table.astype(th.dtype)
@@ -120,9 +124,38 @@ def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce:
     else:
         t_xs = ()
 
+    v = table.shape[0]
+    kernel = kind != "topk" and loss_kernel.use_kernel(impl, b * c, v)
+    interpret = jax.default_backend() != "gpu"
+
+    def kernel_terms(hc, lbc, wc, tc):
+        """new sums and dL/dz [B, c, V] through loss_kernel's two passes (same math as below)."""
+        r, inv_t = b * c, 1.0 / temp
+        zs = logits_from_hidden(hc, e, softcap=None).reshape(r, v)  # [B·c, V] fp32, cap applied in-kernel
+        zt = logits_from_hidden(tc[0], te, softcap=None).reshape(r, v) if kind == "kl" else None
+        st = loss_kernel.row_stats(zs, zt, lbc.reshape(r), inv_t, cap=cap, interpret=interpret)
+        ce, kl, agree = loss_kernel.losses(st, inv_t)
+        wf = wc.reshape(r)
+        new = {"tokens": jnp.sum(wc), "ce": jnp.sum(ce * wf)}
+        if kind == "kl":
+            new["kl"], new["agree"] = jnp.sum(kl * wf), jnp.sum(agree * wf)
+        if not grads:
+            return new, None
+        gk = g_kl * wf if kind == "kl" else 0.0
+        gc = g_ce * wf if with_ce else 0.0
+        dz = loss_kernel.logit_grad(zs, zt, lbc.reshape(r), st, inv_t, gk, gc, cap=cap, dtype=e.dtype,
+                                    interpret=interpret)
+        return new, dz.reshape(b, c, v)
+
     def body(carry, xs):
         d_table, sums = carry
         hc, lbc, wc, *tc = xs  # [B, c, D], [B, c], [B, c], teacher chunks
+        if kernel:
+            new, dz = kernel_terms(hc, lbc, wc, tc)
+            sums = {k: sums[k] + val.astype(jnp.float32) for k, val in new.items()}
+            if not grads:
+                return (d_table, sums), None
+            return _contract(d_table, sums, dz, hc)
         s = logits_from_hidden(hc, e, softcap=cap)  # [B, c, V]
         new = {"tokens": jnp.sum(wc)}
         ds = 0.0
@@ -143,7 +176,9 @@ def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce:
         dz = ds * wc[..., None]
         if cap is not None:
             dz = dz * (1.0 - jnp.square(s / cap))
-        dz = dz.astype(e.dtype)  # bf16 operands for both gradient GEMMs, fp32 accumulation
+        return _contract(d_table, sums, dz.astype(e.dtype), hc)  # bf16 dz: both gradient GEMMs in bf16
+
+    def _contract(d_table, sums, dz, hc):
         dh = jnp.einsum("bcv,vd->bcd", dz, e, preferred_element_type=jnp.float32)
         d_table = d_table + jnp.einsum("bcv,bcd->vd", dz, hc, preferred_element_type=jnp.float32)
         d_table = nn.with_logical_constraint(d_table, _TABLE_AXES)
@@ -177,21 +212,21 @@ def _zero_cotangent(x: Array) -> Array:
     return jnp.zeros(x.shape, jax.dtypes.float0) if not jnp.issubdtype(x.dtype, jnp.inexact) else jnp.zeros_like(x)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _fused(sh, table, teacher, labels, w, temp, alpha, cap, kind, with_ce, chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _fused(sh, table, teacher, labels, w, temp, alpha, cap, kind, with_ce, chunk, impl):
     sums, _, _ = _run(sh, table, teacher, labels, w, temp, alpha, cap=cap, kind=kind, with_ce=with_ce,
-                      chunk=chunk, grads=False)
+                      chunk=chunk, grads=False, impl=impl)
     return _loss_aux(sums, temp, alpha, kind, with_ce)
 
 
-def _fused_fwd(sh, table, teacher, labels, w, temp, alpha, cap, kind, with_ce, chunk):
+def _fused_fwd(sh, table, teacher, labels, w, temp, alpha, cap, kind, with_ce, chunk, impl):
     sums, dh, d_table = _run(sh, table, teacher, labels, w, temp, alpha, cap=cap, kind=kind, with_ce=with_ce,
-                             chunk=chunk, grads=True)
+                             chunk=chunk, grads=True, impl=impl)
     zeros = jax.tree.map(_zero_cotangent, (teacher, labels, w, temp, alpha))
     return _loss_aux(sums, temp, alpha, kind, with_ce), (dh, d_table, zeros)
 
 
-def _fused_bwd(cap, kind, with_ce, chunk, res, cts):
+def _fused_bwd(cap, kind, with_ce, chunk, impl, res, cts):
     dh, d_table, zeros = res
     g = cts[0]  # only the loss is differentiable; aux is logging
     return ((g * dh).astype(dh.dtype), (g * d_table).astype(d_table.dtype)) + zeros
@@ -202,25 +237,26 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def fused_distill_loss(student_h: Array, teacher_h: Array, student_table: Array, teacher_table: Array, *,
                        softcap: float | None, temperature, alpha, labels: Array | None, weights: Array,
-                       with_ce: bool, chunk_size: int) -> tuple[Array, dict[str, Array]]:
+                       with_ce: bool, chunk_size: int, impl: str = "auto") -> tuple[Array, dict[str, Array]]:
     """(1−α)·T²·KL(teacher ‖ student) + α·CE with its gradient formed in the forward (module doc).
-    student_h/teacher_h [B, T, D], tables [V, D], labels/weights [B, T]."""
+    student_h/teacher_h [B, T, D], tables [V, D], labels/weights [B, T]. `impl`: loss_kernel.IMPLS."""
     temp = jnp.asarray(temperature, jnp.float32)
     alpha = jnp.asarray(alpha, jnp.float32)
     lab = jnp.zeros(weights.shape, jnp.int32) if labels is None else labels.astype(jnp.int32)
     teacher = (jax.lax.stop_gradient(teacher_h), jax.lax.stop_gradient(teacher_table))
     loss, aux = _fused(student_h, student_table, teacher, lab, weights, temp, alpha, softcap, "kl", with_ce,
-                       chunk_size)
+                       chunk_size, impl)
     if labels is None:  # no labels: no CE metric (the placeholder labels' CE means nothing)
         aux = {**aux, "ce": jnp.zeros_like(aux["ce"])}
     return loss, aux
 
 
 def fused_ce_loss(h: Array, table: Array, labels: Array, *, softcap: float | None, weights: Array,
-                  chunk_size: int) -> tuple[Array, dict[str, Array]]:
+                  chunk_size: int, impl: str = "auto") -> tuple[Array, dict[str, Array]]:
     """Next-token cross-entropy with its gradient formed in the forward (module doc)."""
     one = jnp.ones((), jnp.float32)
-    return _fused(h, table, (), labels.astype(jnp.int32), weights, one, one, softcap, "ce", True, chunk_size)
+    return _fused(h, table, (), labels.astype(jnp.int32), weights, one, one, softcap, "ce", True, chunk_size,
+                  impl)
 
 
 def fused_topk_loss(student_h: Array, student_table: Array, topk_logprobs: Array, topk_ids: Array, *,
@@ -232,4 +268,4 @@ def fused_topk_loss(student_h: Array, student_table: Array, topk_logprobs: Array
     teacher = (jax.lax.stop_gradient(topk_logprobs).astype(jnp.float32), topk_ids.astype(jnp.int32))
     labels = jnp.zeros(weights.shape, jnp.int32)
     return _fused(student_h, student_table, teacher, labels, weights, temp, jnp.zeros((), jnp.float32), softcap,
-                  "topk", False, chunk_size)
+                  "topk", False, chunk_size, "xla")

@@ -166,7 +166,7 @@ def _plan(cfg, mesh, s_cfg, t_cfg, tx, policy, abstract_state, cache_k: int = 0)
                      step_lib.jit_step(fn, state_sh, {}, batch_sh, mesh, keys=step_lib.CACHED_BATCH_KEYS))
     t_sh = state_lib.param_shardings(t_cfg, mesh, recipe, param_dtype=t_dtype)
     teacher = Transformer(t_cfg, dtype=compute, param_dtype=t_dtype, attention=cfg.attention)
-    fn = step_lib.make_step_fn(student, teacher, tx, schedule, lr_fn, **common)
+    fn = step_lib.make_step_fn(student, teacher, tx, schedule, lr_fn, loss_impl=cfg.distill.loss_impl, **common)
     return _Plan(mesh, _with(abstract_state, state_sh), _with(abstract_params(t_cfg, param_dtype=t_dtype), t_sh),
                  batch, step_lib.jit_step(fn, state_sh, t_sh, batch_sh, mesh))
 

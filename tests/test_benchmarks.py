@@ -68,3 +68,11 @@ def test_the_peer_builds_the_model_we_benchmark(name):
         model = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**peer_config(name)))
     hf_total = sum(p.numel() for n, p in model.named_parameters() if n != "lm_head.weight")  # tied head
     assert hf_total == count_params(bench_config(name))["total_params"]
+
+
+def test_bench_loss_runs_both_paths_and_they_agree():
+    out = _run("bench_loss.py", "--config", "tiny-e2b", "--batch", "1", "--seq", "64", "--chunk", "32", "--reps", "1")
+    assert [r["loss"] for r in out["rows"]] == ["kl+ce", "ce"]
+    for r in out["rows"]:
+        assert abs(r["loss_pallas"] - r["loss_xla"]) <= 1e-5 * abs(r["loss_xla"])
+        assert r["rel_dh"] < 5e-3 and r["rel_dtable"] < 5e-3

@@ -65,10 +65,11 @@ def test_wrong_type_names_key_type_and_value(tmp_path):
 def test_value_checks_collect_every_problem():
     with pytest.raises(ValueError) as e:
         load_run_config(None, ["optimizer.compute_dtype=fp8", "remat=some", "distill.alpha=1.5",
-                               "optimizer.warmup_steps=2000", "quant.q4_0_impl=triton"])
+                               "optimizer.warmup_steps=2000", "quant.q4_0_impl=triton", "distill.loss_impl=cuda"])
     msg = str(e.value)
     for part in ("optimizer.compute_dtype='fp8' must be one of", "remat='some'", "distill.alpha=1.5 must be in [0, 1]",
-                 "warmup_steps=2000 exceeds optimizer.total_steps=1000", "quant.q4_0_impl='triton' must be one of"):
+                 "warmup_steps=2000 exceeds optimizer.total_steps=1000", "quant.q4_0_impl='triton' must be one of",
+                 "distill.loss_impl='cuda' must be one of"):
         assert part in msg
     with pytest.raises(ValueError, match="unknown sharding recipe 'zero3'"):
         load_run_config(None, ["mesh.recipe=zero3"])

@@ -5,7 +5,7 @@
                   top-k cache folder (`cache`, offline distillation)
     [data]        spec, tokenizer, seq_len, global_batch_size, seed
     [optimizer]   AdamW + warmup/cosine, clipping, accumulation, dtypes
-    [distill]     temperature / alpha and their schedules, loss chunk size
+    [distill]     temperature / alpha and their schedules, loss chunk size, loss_impl (xla | pallas | auto)
     [quant]       student quantization recipe name (`none` = float student); q4_0_impl (xla | pallas | auto)
     [mesh]        sharding.MeshConfig fields (data, fsdp, tensor, expert, recipe)
     [checkpoint]  where and how often, how many to keep
@@ -24,6 +24,7 @@ from typing import Sequence
 
 from gemma_qat.model.attention import ATTENTION_IMPLS
 from gemma_qat.model.transformer import REMAT_POLICIES
+from gemma_qat.loss_kernel import IMPLS as LOSS_IMPLS
 from gemma_qat.quant.q4_0_kernel import IMPLS as Q4_0_IMPLS
 from gemma_qat.sharding import MeshConfig
 from gemma_qat.train import config_io
@@ -93,6 +94,7 @@ class DistillSection:
     alpha_end: float | None = None
     schedule_steps: int = 0
     chunk_size: int = 256  # tokens per logits chunk in the loss (memory: B · chunk · V fp32)
+    loss_impl: str = "auto"  # xla | pallas | auto (loss_kernel.py: two Pallas passes over the logits on one GPU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +166,7 @@ def _problems(c: RunConfig) -> list[str]:
     _choice(p, "remat", c.remat, REMAT_POLICIES)
     _choice(p, "attention", c.attention, ATTENTION_IMPLS)
     _choice(p, "quant.q4_0_impl", c.quant.q4_0_impl, Q4_0_IMPLS)
+    _choice(p, "distill.loss_impl", s.loss_impl, LOSS_IMPLS)
     _choice(p, "optimizer.param_dtype", o.param_dtype, DTYPES)
     _choice(p, "optimizer.compute_dtype", o.compute_dtype, DTYPES)
     _choice(p, "teacher.param_dtype", c.teacher.param_dtype, DTYPES)

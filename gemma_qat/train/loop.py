@@ -163,7 +163,8 @@ def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) 
             step_fn = step_lib.make_cached_step_fn(student, tx, schedule, lr_fn, **common)
             return step_lib.jit_step(step_fn, state_sh, t_sh, batch_sh, mesh, keys=step_lib.CACHED_BATCH_KEYS)
         teacher = Transformer(t_cfg, dtype=compute, param_dtype=teacher_dtype, attention=cfg.attention)
-        step_fn = step_lib.make_step_fn(student, teacher, tx, schedule, lr_fn, **common)
+        step_fn = step_lib.make_step_fn(student, teacher, tx, schedule, lr_fn, loss_impl=cfg.distill.loss_impl,
+                                        **common)
         return step_lib.jit_step(step_fn, state_sh, t_sh, batch_sh, mesh)
 
     # Everything the compiled step depends on; the shardings follow from configs, mesh and recipe.

@@ -54,7 +54,8 @@ def _make(loss_of: Callable, tx: optax.GradientTransformation, schedule: Distill
 
 
 def make_step_fn(student: Transformer, teacher: Transformer, tx: optax.GradientTransformation,
-                 schedule: DistillSchedule, lr_fn: Callable, *, grad_accum_steps: int, chunk_size: int):
+                 schedule: DistillSchedule, lr_fn: Callable, *, grad_accum_steps: int, chunk_size: int,
+                 loss_impl: str = "auto"):
     """The un-jitted step (tests call it eagerly; `jit_step` compiles it with shardings)."""
     softcap = student.config.final_softcap
 
@@ -67,7 +68,7 @@ def make_step_fn(student: Transformer, teacher: Transformer, tx: optax.GradientT
             s_h, s_table = _hidden(student, params, batch, rngs={"quant": step_rng})
             return chunked_distill_loss(s_h, t_h, s_table, t_table, softcap=softcap, temperature=temperature,
                                         alpha=alpha, labels=batch["targets"], mask=batch["loss_mask"],
-                                        chunk_size=chunk_size)
+                                        chunk_size=chunk_size, loss_impl=loss_impl)
         return loss_fn
 
     return _make(loss_of, tx, schedule, lr_fn, grad_accum_steps)
