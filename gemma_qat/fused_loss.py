@@ -18,6 +18,8 @@ dL/dE (+= dzᵀ · h, [V, D]). The backward only scales those by the incoming co
 
 (the KL terms carry T² · (1/T) from Hinton's scaling and the temperature's chain rule). Loss values and
 aux metrics are those of distill.py's autodiff losses; aux is for logging and carries no gradient.
+With `impl` auto on one GPU (or "pallas"), the "kl" and "ce" passes over each chunk's logits run as
+loss_kernel.py's two kernels (same math, tested against this file's XLA path); "topk" stays on XLA.
 """
 
 from __future__ import annotations
@@ -124,15 +126,15 @@ def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce:
     else:
         t_xs = ()
 
-    v = table.shape[0]
-    kernel = kind != "topk" and loss_kernel.use_kernel(impl, b * c, v)
+    vocab = table.shape[0]
+    kernel = kind != "topk" and loss_kernel.use_kernel(impl, b * c, vocab)
     interpret = jax.default_backend() != "gpu"
 
     def kernel_terms(hc, lbc, wc, tc):
         """new sums and dL/dz [B, c, V] through loss_kernel's two passes (same math as below)."""
         r, inv_t = b * c, 1.0 / temp
-        zs = logits_from_hidden(hc, e, softcap=None).reshape(r, v)  # [B·c, V] fp32, cap applied in-kernel
-        zt = logits_from_hidden(tc[0], te, softcap=None).reshape(r, v) if kind == "kl" else None
+        zs = logits_from_hidden(hc, e, softcap=None).reshape(r, vocab)  # [B·c, V] fp32; the cap is in-kernel
+        zt = logits_from_hidden(tc[0], te, softcap=None).reshape(r, vocab) if kind == "kl" else None
         st = loss_kernel.row_stats(zs, zt, lbc.reshape(r), inv_t, cap=cap, interpret=interpret)
         ce, kl, agree = loss_kernel.losses(st, inv_t)
         wf = wc.reshape(r)
@@ -145,7 +147,7 @@ def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce:
         gc = g_ce * wf if with_ce else 0.0
         dz = loss_kernel.logit_grad(zs, zt, lbc.reshape(r), st, inv_t, gk, gc, cap=cap, dtype=e.dtype,
                                     interpret=interpret)
-        return new, dz.reshape(b, c, v)
+        return new, dz.reshape(b, c, vocab)
 
     def body(carry, xs):
         d_table, sums = carry
