@@ -16,3 +16,23 @@ def single_gpu_cc_major() -> int | None:
         return int(cc.split(".")[0])
     except ValueError:
         return None
+
+
+KERNEL_IMPLS = ("auto", "xla", "pallas")
+
+
+def use_triton_kernel(impl: str, fits: bool, *, what: str, unfit: str) -> bool:
+    """The rule behind every `impl = auto | xla | pallas` choice of a Pallas (Triton) kernel: 'xla' never;
+    'pallas' always, with an error naming `unfit` when the shape cannot take the kernel; 'auto' where it
+    fits and the process has one NVIDIA GPU of compute capability 8.0 or newer (Triton's NVIDIA backend;
+    ROCm and unknown GPUs keep XLA). `what` names the choice in the unknown-value error."""
+    if impl not in KERNEL_IMPLS:
+        raise ValueError(f"unknown {what} implementation {impl!r}; choose one of {KERNEL_IMPLS}")
+    if impl == "xla":
+        return False
+    if impl == "pallas":
+        if not fits:
+            raise ValueError(unfit)
+        return True
+    cc = single_gpu_cc_major()
+    return fits and cc is not None and cc >= 8

@@ -34,8 +34,8 @@ from gemma_qat import loss_kernel
 
 Array = jax.Array
 # Finite stand-in for −inf when masking logits: keeps logsumexp and its gradient finite even if every
-# entry is masked (k == V in the top-k loss).
-NEG = -1e30
+# entry is masked (k == V in the top-k loss). The loss kernels start their running maxima at it too.
+NEG = loss_kernel.NEG
 # Under a mesh (sharding.activate) the accumulated dL/dE is pinned to the table's own layout, so the
 # [V, D] fp32 carry is sharded like the table whatever XLA's propagation would pick.
 _TABLE_AXES = ("vocab", "embed")
@@ -127,11 +127,11 @@ def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce:
         t_xs = ()
 
     vocab = table.shape[0]
-    kernel = kind != "topk" and loss_kernel.use_kernel(impl, b * c, vocab)
+    kernel = kind != "topk" and loss_kernel.use_kernel(impl, vocab)
     interpret = jax.default_backend() != "gpu"
 
     def kernel_terms(hc, lbc, wc, tc):
-        """new sums and dL/dz [B, c, V] through loss_kernel's two passes (same math as below)."""
+        """new sums and dL/dz [B, c, V] (bf16) through loss_kernel's two passes (xla_terms' math)."""
         r, inv_t = b * c, 1.0 / temp
         zs = logits_from_hidden(hc, e, softcap=None).reshape(r, vocab)  # [B·c, V] fp32; the cap is in-kernel
         zt = logits_from_hidden(tc[0], te, softcap=None).reshape(r, vocab) if kind == "kl" else None
@@ -149,15 +149,8 @@ def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce:
                                     interpret=interpret)
         return new, dz.reshape(b, c, vocab)
 
-    def body(carry, xs):
-        d_table, sums = carry
-        hc, lbc, wc, *tc = xs  # [B, c, D], [B, c], [B, c], teacher chunks
-        if kernel:
-            new, dz = kernel_terms(hc, lbc, wc, tc)
-            sums = {k: sums[k] + val.astype(jnp.float32) for k, val in new.items()}
-            if not grads:
-                return (d_table, sums), None
-            return _contract(d_table, sums, dz, hc)
+    def xla_terms(hc, lbc, wc, tc):
+        """new sums and dL/dz [B, c, V] (bf16) through XLA's passes over the logits."""
         s = logits_from_hidden(hc, e, softcap=cap)  # [B, c, V]
         new = {"tokens": jnp.sum(wc)}
         ds = 0.0
@@ -172,15 +165,20 @@ def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce:
         if kind != "ce":
             new["kl"], new["agree"] = jnp.sum(kl * wc), jnp.sum(agree * wc)
             ds = ds + ds_kl
-        sums = {k: sums[k] + v.astype(jnp.float32) for k, v in new.items()}
         if not grads:
-            return (d_table, sums), None
+            return new, None
         dz = ds * wc[..., None]
         if cap is not None:
             dz = dz * (1.0 - jnp.square(s / cap))
-        return _contract(d_table, sums, dz.astype(e.dtype), hc)  # bf16 dz: both gradient GEMMs in bf16
+        return new, dz.astype(e.dtype)  # bf16 dz: both gradient GEMMs in bf16
 
-    def _contract(d_table, sums, dz, hc):
+    def body(carry, xs):
+        d_table, sums = carry
+        hc, lbc, wc, *tc = xs  # [B, c, D], [B, c], [B, c], teacher chunks
+        new, dz = (kernel_terms if kernel else xla_terms)(hc, lbc, wc, tc)
+        sums = {k: sums[k] + val.astype(jnp.float32) for k, val in new.items()}
+        if not grads:
+            return (d_table, sums), None
         dh = jnp.einsum("bcv,vd->bcd", dz, e, preferred_element_type=jnp.float32)
         d_table = d_table + jnp.einsum("bcv,bcd->vd", dz, hc, preferred_element_type=jnp.float32)
         d_table = nn.with_logical_constraint(d_table, _TABLE_AXES)

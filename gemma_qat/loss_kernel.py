@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from gemma_qat.devices import single_gpu_cc_major
+from gemma_qat.devices import KERNEL_IMPLS, use_triton_kernel
 
-IMPLS = ("auto", "xla", "pallas")
-NEG = -1e30  # finite "−inf": e^(NEG − m) is 0 and never NaN
+IMPLS = KERNEL_IMPLS
+# Finite stand-in for −inf: e^(NEG − m) is 0 and never NaN (also fused_loss's mask value).
+NEG = -1e30
+_NO_COL = 2**30  # "no column yet": above every vocabulary index, so min() picks any real one
 _ROWS, _COLS, _SEGMENTS, _GRAD_COLS = 8, 512, 16, 512  # [8, 512] fp32 tiles: 32 values a thread at 4 warps
 STATS = ("m_s", "l1", "ls", "m_t", "lt", "k", "s_label", "arg_s", "arg_t")
 
@@ -41,25 +43,12 @@ def _pow2_divisor(n: int, most: int) -> int:
     return t
 
 
-def supported(rows: int, vocab: int) -> bool:
-    return vocab % 16 == 0 and rows >= 1
-
-
-def use_kernel(impl: str, rows: int, vocab: int) -> bool:
-    """'pallas' forces the kernels (error if the shape cannot take them); 'auto' takes them on one NVIDIA
-    GPU of compute capability 8.0 or newer; 'xla' never."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown loss implementation {impl!r}; choose one of {IMPLS}")
-    if impl == "xla":
-        return False
-    ok = supported(rows, vocab)
-    if impl == "pallas":
-        if not ok:
-            raise ValueError(f"the loss kernels need a vocabulary that is a multiple of 16, got {vocab}; "
-                             "use loss_impl='xla'")
-        return True
-    cc = single_gpu_cc_major()
-    return ok and cc is not None and cc >= 8
+def use_kernel(impl: str, vocab: int) -> bool:
+    """'pallas' forces the kernels (error if the vocabulary cannot take them); 'auto' takes them on one
+    NVIDIA GPU of compute capability 8.0 or newer (devices.use_triton_kernel); 'xla' never."""
+    return use_triton_kernel(impl, vocab % 16 == 0, what="loss",
+                             unfit=f"the loss kernels need a vocabulary that is a multiple of 16, got {vocab}; "
+                                   "use loss_impl='xla'")
 
 
 def _cap(z, cap):
@@ -71,11 +60,11 @@ def _stats_kernel(zs_ref, zt_ref, lab_ref, it_ref, *out_refs, cap, rt, ct, seg, 
     lab, inv_t = lab_ref[...], it_ref[...]  # [rt, 1]
     neg = jnp.full((rt, 1), NEG, jnp.float32)
     zero = jnp.zeros((rt, 1), jnp.float32)
-    none = jnp.full((rt, 1), 2**30, jnp.int32)  # no argmax yet
+    none = jnp.full((rt, 1), _NO_COL, jnp.int32)  # no argmax yet
 
     def tile_max(x, col):  # the tile's max per row and the first column that holds it
         m = jnp.max(x, axis=1, keepdims=True)
-        return m, jnp.min(jnp.where(x == m, col, 2**30), axis=1, keepdims=True)
+        return m, jnp.min(jnp.where(x == m, col, _NO_COL), axis=1, keepdims=True)
 
     def body(i, c):
         m_s, l1, ls, m_t, lt, k, s_lab, a_s, a_t = c
@@ -125,18 +114,17 @@ def _stats_call(zs, zt, labels, inv_t, cap, interpret):
     return dict(zip(STATS, res))
 
 
-def _merge(p: dict, inv_t) -> dict:
-    """Segments [R, S] → rows [R]: the online-softmax merge, first argmax across segments."""
+def _merge(p: dict, it) -> dict:
+    """Segments [R, S] → rows [R]: the online-softmax merge, first argmax across segments; it [R, 1] = 1/T."""
     def lse_merge(m, l, scale):
         mm = jnp.max(m, axis=1, keepdims=True)
         return mm[:, 0], jnp.sum(l * jnp.exp((m - mm) * scale), axis=1)
 
-    it = inv_t[:, :1]
     m_s, l1 = lse_merge(p["m_s"], p["l1"], 1.0)
     _, ls = lse_merge(p["m_s"], p["ls"], it)
     m_t, lt = lse_merge(p["m_t"], p["lt"], it)
     _, k = lse_merge(p["m_t"], p["k"], it)
-    first = lambda m, a: jnp.min(jnp.where(m == jnp.max(m, axis=1, keepdims=True), a, 2**30), axis=1)
+    first = lambda m, a: jnp.min(jnp.where(m == jnp.max(m, axis=1, keepdims=True), a, _NO_COL), axis=1)
     return {"m_s": m_s, "l1": l1, "ls": ls, "m_t": m_t, "lt": lt, "k": k, "s_label": jnp.sum(p["s_label"], 1),
             "arg_s": first(p["m_s"], p["arg_s"]), "arg_t": first(p["m_t"], p["arg_t"])}
 

@@ -84,11 +84,11 @@ def test_row_stats_first_argmax_and_label_across_segments():
 
 def test_use_kernel_rules(fake_devices):
     with pytest.raises(ValueError, match="unknown loss implementation 'triton'"):
-        loss_kernel.use_kernel("triton", 8, 512)
+        loss_kernel.use_kernel("triton", 512)
     with pytest.raises(ValueError, match="multiple of 16"):
-        loss_kernel.use_kernel("pallas", 8, 500)
-    assert not loss_kernel.use_kernel("xla", 8, 512)
+        loss_kernel.use_kernel("pallas", 500)
+    assert not loss_kernel.use_kernel("xla", 512)
     fake_devices("cpu")
-    assert not loss_kernel.use_kernel("auto", 8, 512)
+    assert not loss_kernel.use_kernel("auto", 512)
     fake_devices("gpu")
-    assert loss_kernel.use_kernel("auto", 8, 512) and not loss_kernel.use_kernel("auto", 8, 500)
+    assert loss_kernel.use_kernel("auto", 512) and not loss_kernel.use_kernel("auto", 500)

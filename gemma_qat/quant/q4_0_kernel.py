@@ -22,12 +22,12 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from gemma_qat.devices import single_gpu_cc_major
+from gemma_qat.devices import KERNEL_IMPLS, use_triton_kernel
 from gemma_qat.quant import formats
 
 BLOCK = formats.Q4_0_BLOCK_SIZE
 _MIN_TILE = 16
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = KERNEL_IMPLS
 
 
 class Launch(NamedTuple):
@@ -75,20 +75,11 @@ def supported(shape: tuple[int, ...], axis: int) -> bool:
 
 def use_kernel(impl: str, shape: tuple[int, ...], axis: int) -> bool:
     """'pallas' forces the kernel (error if the shape cannot take it); 'auto' takes it on one NVIDIA GPU
-    of compute capability 8.0 or newer."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown Q4_0 implementation {impl!r}; choose one of {IMPLS}")
-    if impl == "xla":
-        return False
-    ok = supported(shape, axis)
-    if impl == "pallas":
-        if not ok:
-            raise ValueError(f"the Q4_0 kernel cannot take shape {tuple(shape)} along axis {axis}: the axis must "
-                             f"be a multiple of {BLOCK} and the other dims' product divisible by {_MIN_TILE}; "
-                             "use q4_0_impl='xla'")
-        return True
-    cc = single_gpu_cc_major()  # Triton's NVIDIA backend; ROCm and unknown GPUs keep the XLA path
-    return ok and cc is not None and cc >= 8
+    of compute capability 8.0 or newer (devices.use_triton_kernel)."""
+    return use_triton_kernel(
+        impl, supported(shape, axis), what="Q4_0",
+        unfit=f"the Q4_0 kernel cannot take shape {tuple(shape)} along axis {axis}: the axis must be a multiple "
+              f"of {BLOCK} and the other dims' product divisible by {_MIN_TILE}; use q4_0_impl='xla'")
 
 
 def _kernel(x_ref, o_ref, *, rows: bool):
