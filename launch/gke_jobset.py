@@ -7,7 +7,7 @@
 
 --dry-run prints the command it would run and the manifest it would pipe into it, and runs nothing.
 The image must hold the checkout at --workdir with its .venv (tools/bootstrap.sh, plus jax[tpu] or
-jax[cuda12]); see launch/README.md. Standard library only (plus gemma_qat.topologies, which imports
+jax[cuda12]); see launch/README.md. Standard library only (plus gemma_qat.preflight.topologies, which imports
 no jax), so it runs from any checkout without the venv.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from gemma_qat.topologies import Topology, from_config_comment, parse  # noqa: E402
+from gemma_qat.preflight.topologies import Topology, from_config_comment, parse  # noqa: E402
 
 TEMPLATE = Path(__file__).with_name("gke_jobset.yaml")
 # GKE node labels of each chip (cloud.google.com/gke-tpu-accelerator / gke-accelerator values).

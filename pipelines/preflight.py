@@ -19,7 +19,7 @@ from typing import Sequence
 def _topology_name(args) -> str:
     if args.topology:
         return args.topology
-    from gemma_qat.topologies import from_config_comment
+    from gemma_qat.preflight.topologies import from_config_comment
     name = from_config_comment(Path(args.config).read_text()) if args.config else None
     if name is None:
         raise ValueError("give --topology NAME (e.g. v5p-64, 8xH100), or a config whose first lines "
@@ -37,12 +37,12 @@ def _fake_devices(chips: int) -> None:
 
 
 def run(args) -> int:
-    from gemma_qat.topologies import parse
+    from gemma_qat.preflight.topologies import parse
     topo = parse(_topology_name(args))
     if args.cpu_compile:
         _fake_devices(topo.chips)
 
-    from gemma_qat.preflight import run_preflight
+    from gemma_qat.preflight.check import run_preflight
     from gemma_qat.train.config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)

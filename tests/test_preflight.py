@@ -12,9 +12,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from gemma_qat import topologies
+from gemma_qat.preflight import topologies
 from gemma_qat.model.config import get_config
-from gemma_qat.preflight import PreflightError, run_preflight
+from gemma_qat.preflight.check import PreflightError, run_preflight
 from gemma_qat.train.config import load_run_config
 from pipelines import preflight as cli
 

@@ -165,3 +165,14 @@ def calibrate(model_config: ModelConfig, params, resolution: Resolution, batches
         scales = step(scales, {k: jnp.asarray(v) for k, v in batch.items()
                                if k in ("tokens", "positions", "segment_ids")})
     return nn.unbox(scales) if scales is not None else {}
+
+
+def placeholder_scales(model_config: ModelConfig, resolution: Resolution, value: float = 1.0) -> dict:
+    """The `quant_scales` tree `calibrate` would return, each scale `value`: enough to build and compile
+    the training step without data (preflight), since a frozen scale is a constant of the program,
+    not a shape. Traced with `jax.eval_shape`: nothing is allocated."""
+    model = Transformer(model_config, quant=RecipePolicy(resolution, calibrating=True))
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    tree = jax.eval_shape(lambda p, t: model.apply({"params": p}, t, mutable=[SCALES])[1][SCALES],
+                          abstract_params(model_config), tokens)
+    return jax.tree.map(lambda _: value, nn.unbox(tree))

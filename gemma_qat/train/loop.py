@@ -20,25 +20,23 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gemma_qat import checkpoint, distill, sharding
+from gemma_qat import checkpoint, sharding
 from gemma_qat.model.layers import QuantPolicy
-from gemma_qat.model.transformer import Transformer
 from gemma_qat.data import make_eval_batches
 from gemma_qat.export.common import SCALES_JSON, load_quant_scales, save_quant_scales
 from gemma_qat.quant.policy import RecipePolicy, calibrate, check_q4_0_blocks
 from gemma_qat.train import inputs, metrics as metrics_lib, optimizer as optim, state as state_lib, step as step_lib
-from gemma_qat.train import teacher_cache
+from gemma_qat.train import build, teacher_cache
 from gemma_qat.train.checkpointing import RunCheckpointer
-from gemma_qat.train.config import DistillSection, RunConfig
+from gemma_qat.train.config import RunConfig
 from gemma_qat.train.policy import resolve_policy
 from gemma_qat.train.signals import StopFlag, install_handlers
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DTYPES = build.DTYPES
 
 
 @dataclasses.dataclass
@@ -50,32 +48,11 @@ class TrainResult:
     run_dir: Path
 
 
-def distill_schedule(d: DistillSection, total_steps: int) -> distill.DistillSchedule:
-    if d.schedule == "constant":
-        return distill.DistillSchedule(d.temperature, d.alpha)
-    ramp = distill.linear if d.schedule == "linear" else distill.cosine
-    steps = d.schedule_steps or total_steps
-    t_end = d.temperature if d.temperature_end is None else d.temperature_end
-    a_end = d.alpha if d.alpha_end is None else d.alpha_end
-    return distill.DistillSchedule(ramp(d.temperature, t_end, steps), ramp(d.alpha, a_end, steps))
-
-
 def _make_mesh(cfg: RunConfig, devices: Sequence[jax.Device] | None):
     try:
         return sharding.make_mesh(cfg.mesh, devices)
     except ValueError as e:
         raise ValueError(f"[mesh] does not fit the devices: {e}") from None
-
-
-def _check_batch_layout(cfg: RunConfig, mesh) -> None:
-    spec = sharding.batch_sharding(mesh, cfg.mesh.recipe).spec[0]
-    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    shards = 1
-    for a in axes:
-        shards *= mesh.shape[a]
-    if cfg.data.global_batch_size % shards:
-        raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} must be a multiple of the "
-                         f"{shards} batch shards of mesh axes {axes} (recipe {cfg.mesh.recipe!r})")
 
 
 @dataclasses.dataclass
@@ -99,9 +76,9 @@ def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh = _make_mesh(cfg, devices)
-    _check_batch_layout(cfg, mesh)
+    build.check_batch_layout(cfg, mesh)
     recipe, o = cfg.mesh.recipe, cfg.optimizer
-    param_dtype, compute = _DTYPES[o.param_dtype], _DTYPES[o.compute_dtype]
+    param_dtype = _DTYPES[o.param_dtype]
     teacher_dtype = _DTYPES[cfg.teacher.param_dtype]
 
     s_cfg = state_lib.student_config(cfg.model.name)
@@ -154,30 +131,15 @@ def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) 
         log.info("resumed from step %d in %s", resumed_from, ckpt.directory)
         print_fn(f"resumed from checkpoint step {resumed_from}")
 
-    def build_step():
-        student = Transformer(s_cfg, quant=policy, dtype=compute, param_dtype=param_dtype, remat=cfg.remat,
-                              attention=cfg.attention)
-        common = dict(grad_accum_steps=o.grad_accum_steps, chunk_size=cfg.distill.chunk_size)
-        schedule, lr_fn = distill_schedule(cfg.distill, o.total_steps), optim.lr_schedule(o)
-        if cache:
-            step_fn = step_lib.make_cached_step_fn(student, tx, schedule, lr_fn, **common)
-            return step_lib.jit_step(step_fn, state_sh, t_sh, batch_sh, mesh, keys=step_lib.CACHED_BATCH_KEYS)
-        teacher = Transformer(t_cfg, dtype=compute, param_dtype=teacher_dtype, attention=cfg.attention)
-        step_fn = step_lib.make_step_fn(student, teacher, tx, schedule, lr_fn, loss_impl=cfg.distill.loss_impl,
-                                        **common)
-        return step_lib.jit_step(step_fn, state_sh, t_sh, batch_sh, mesh)
-
-    # Everything the compiled step depends on; the shardings follow from configs, mesh and recipe.
-    key = (s_cfg, t_cfg, policy, o, cfg.distill, cfg.remat, cfg.attention, cfg.teacher.param_dtype, mesh, recipe,
-           cfg.data.global_batch_size, cfg.data.seq_len, cache is not None)
     logger = metrics_lib.MetricsLogger(
         run_dir, total_steps=o.total_steps, tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len,
         flops_per_token=metrics_lib.flops_per_token(s_cfg, t_cfg, cfg.data.seq_len),  # t_cfg None: cached
         peak_flops=cfg.logging.peak_flops_per_device * mesh.size, tensorboard=cfg.logging.tensorboard,
         is_writer=jax.process_index() == 0, resumed_from=resumed_from or 0, print_fn=print_fn)
-    return _Run(state=state, teacher_params=t_params, jstep=step_lib.cached(key, build_step),
-                batch_sharding=batch_sh, iterator=iterator, ckpt=ckpt, logger=logger, mesh=mesh,
-                resumed_from=resumed_from, model_config=s_cfg, policy=policy, tokenizer=tokenizer_name)
+    jstep = build.build_step(cfg, s_cfg, t_cfg, policy, tx, state_sh, t_sh, batch_sh, mesh)
+    return _Run(state=state, teacher_params=t_params, jstep=jstep, batch_sharding=batch_sh, iterator=iterator,
+                ckpt=ckpt, logger=logger, mesh=mesh, resumed_from=resumed_from, model_config=s_cfg, policy=policy,
+                tokenizer=tokenizer_name)
 
 
 def train(cfg: RunConfig, *, quant_policy: QuantPolicy | None = None,

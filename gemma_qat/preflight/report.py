@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gemma_qat.topologies import GIB, Topology
+from gemma_qat.preflight.topologies import GIB, Topology
 
 
 def size(nbytes: float) -> str:

@@ -24,18 +24,18 @@ from flax import linen as nn
 from flax import traverse_util
 from jax.sharding import AbstractMesh, Mesh
 
-from gemma_qat import checkpoint, preflight_memory, sharding
+from gemma_qat import checkpoint, sharding
+from gemma_qat.preflight import memory as preflight_memory
 from gemma_qat.model.config import get_config
 from gemma_qat.model.params import abstract_params, logical_axes
-from gemma_qat.model.transformer import Transformer
-from gemma_qat.preflight_report import Report, TensorRow
-from gemma_qat.topologies import Topology, parse
-from gemma_qat.train import optimizer as optim, state as state_lib, step as step_lib
+from gemma_qat.preflight.report import Report, TensorRow
+from gemma_qat.preflight.topologies import Topology, parse
+from gemma_qat.quant.policy import RecipePolicy, check_q4_0_blocks, placeholder_scales
+from gemma_qat.train import build, optimizer as optim, state as state_lib, step as step_lib
 from gemma_qat.train.config import RunConfig
-from gemma_qat.train.loop import _check_batch_layout, distill_schedule
 from gemma_qat.train.policy import resolve_policy
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_DTYPES = build.DTYPES
 REPLICATED_TOLERANCE = 0.02  # MaxText's sharding_tolerance: warn above this fraction of replicated bytes
 
 
@@ -146,29 +146,32 @@ class _Plan:
 
 def _plan(cfg, mesh, s_cfg, t_cfg, tx, policy, abstract_state, cache_k: int = 0) -> _Plan:
     """t_cfg None: the offline step (teacher.cache), whose batch carries top-`cache_k` log-probs and ids."""
-    recipe, o = cfg.mesh.recipe, cfg.optimizer
-    p_dtype, t_dtype = _DTYPES[o.param_dtype], _DTYPES[cfg.teacher.param_dtype]
+    recipe = cfg.mesh.recipe
+    p_dtype, t_dtype = _DTYPES[cfg.optimizer.param_dtype], _DTYPES[cfg.teacher.param_dtype]
     p_sh = state_lib.param_shardings(s_cfg, mesh, recipe, param_dtype=p_dtype)
     state_sh = state_lib.state_shardings(abstract_state, p_sh, mesh)
     batch_sh = sharding.batch_sharding(mesh, recipe)
-    compute = _DTYPES[o.compute_dtype]
-    student = Transformer(s_cfg, quant=policy, dtype=compute, param_dtype=p_dtype, remat=cfg.remat,
-                          attention=cfg.attention)
-    common = dict(grad_accum_steps=o.grad_accum_steps, chunk_size=cfg.distill.chunk_size)
-    schedule, lr_fn = distill_schedule(cfg.distill, o.total_steps), optim.lr_schedule(o)
     shape = (cfg.data.global_batch_size, cfg.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh) for k in step_lib.BATCH_KEYS}
     if t_cfg is None:
-        fn = step_lib.make_cached_step_fn(student, tx, schedule, lr_fn, **common)
         batch["topk_logprobs"] = jax.ShapeDtypeStruct(shape + (cache_k,), jnp.float32, sharding=batch_sh)
         batch["topk_ids"] = jax.ShapeDtypeStruct(shape + (cache_k,), jnp.int32, sharding=batch_sh)
-        return _Plan(mesh, _with(abstract_state, state_sh), {}, batch,
-                     step_lib.jit_step(fn, state_sh, {}, batch_sh, mesh, keys=step_lib.CACHED_BATCH_KEYS))
-    t_sh = state_lib.param_shardings(t_cfg, mesh, recipe, param_dtype=t_dtype)
-    teacher = Transformer(t_cfg, dtype=compute, param_dtype=t_dtype, attention=cfg.attention)
-    fn = step_lib.make_step_fn(student, teacher, tx, schedule, lr_fn, loss_impl=cfg.distill.loss_impl, **common)
-    return _Plan(mesh, _with(abstract_state, state_sh), _with(abstract_params(t_cfg, param_dtype=t_dtype), t_sh),
-                 batch, step_lib.jit_step(fn, state_sh, t_sh, batch_sh, mesh))
+        t_sh, teacher = {}, {}
+    else:
+        t_sh = state_lib.param_shardings(t_cfg, mesh, recipe, param_dtype=t_dtype)
+        teacher = _with(abstract_params(t_cfg, param_dtype=t_dtype), t_sh)
+    jitted = build.build_step(cfg, s_cfg, t_cfg, policy, tx, state_sh, t_sh, batch_sh, mesh)
+    return _Plan(mesh, _with(abstract_state, state_sh), teacher, batch, jitted)
+
+
+def _policy(cfg: RunConfig, s_cfg):
+    """The loop's policy; a recipe with static activation scales gets placeholders (the loop calibrates
+    them on data before its first step; their values are constants of the program, not shapes)."""
+    policy = resolve_policy(cfg.quant.recipe, s_cfg, cfg.quant.q4_0_impl)
+    if isinstance(policy, RecipePolicy) and policy.act_int8 and policy.static_scales is None:
+        policy = RecipePolicy(policy.resolution, backend=policy.backend, q4_0_impl=policy.q4_0_impl,
+                              static_scales=placeholder_scales(s_cfg, policy.resolution))
+    return policy
 
 
 def _memory_stats(compiled) -> dict | None:
@@ -266,7 +269,7 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
     mesh = AbstractMesh(shape, sharding.MESH_AXES)
     recipe, o = cfg.mesh.recipe, cfg.optimizer
     try:
-        _check_batch_layout(cfg, mesh)  # the loop's own check: preflight rejects exactly what it rejects
+        build.check_batch_layout(cfg, mesh)  # the loop's own check: preflight rejects exactly what it rejects
     except ValueError as e:
         raise PreflightError(f"{e}; fix: change data.global_batch_size or the mesh") from None
     if cfg.data.global_batch_size % topo.hosts:
@@ -275,7 +278,7 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
     report = Report(topology=topo, mesh=dict(zip(sharding.MESH_AXES, shape)), recipe=recipe, config=cfg)
     s_cfg, t_cfg = _models(cfg, teacher_model, report.notes)
     cache_k = _cache_k(cfg, report.notes) if t_cfg is None else 0
-    policy = resolve_policy(cfg.quant.recipe, s_cfg)
+    policy = _policy(cfg, s_cfg)
     tx = optim.make_optimizer(o)
     p_dtype = _DTYPES[o.param_dtype]
 
@@ -291,7 +294,6 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
         _check_dims(t_cfg, jax.tree.map(lambda a: a.sharding, plan.teacher), mesh, recipe, report.notes)
     resolution = getattr(policy, "resolution", None)
     if resolution is not None and "q4_0" in resolution.quantized().values():
-        from gemma_qat.quant.policy import check_q4_0_blocks
         try:
             check_q4_0_blocks(resolution, s_cfg, jax.tree.map(lambda a: a.sharding, plan.state.params))
             report.checks.append("Q4_0 blocks of 32 never straddle a shard boundary")

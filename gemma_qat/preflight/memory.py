@@ -106,5 +106,5 @@ def estimate(student: ModelConfig, teacher: ModelConfig | None, g: StepGeometry)
     return terms, kind
 
 
-FORMULA = ("estimate (preflight_memory.py): Σ saved per layer by remat + max(layer backward, teacher "
+FORMULA = ("estimate (preflight/memory.py): Σ saved per layer by remat + max(layer backward, teacher "
            "forward, loss chunk) + head tables + 3× largest gathered layer")
