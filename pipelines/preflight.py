@@ -41,6 +41,11 @@ def run(args) -> int:
     topo = parse(_topology_name(args))
     if args.cpu_compile:
         _fake_devices(topo.chips)
+    if topo.platform == "tpu":
+        # Before jax loads: a deviceless TPU compile needs neither the metadata server nor a TPU backend.
+        from gemma_qat.preflight.compilers import prepare_libtpu
+        prepare_libtpu(topo)
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     from gemma_qat.preflight.check import run_preflight
     from gemma_qat.train.config import load_run_config

@@ -75,13 +75,48 @@ def test_remat_weights_adds_the_layers_matmul_weights_to_the_estimate():
     assert weights.estimate_terms["saved_activations"] - full.estimate_terms["saved_activations"] == layer_w * c
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu present: no fallback")
-def test_tpu_topology_falls_back_to_abstract_lowering():
-    r = run_preflight(load_run_config(TINY), "v5p-8")  # 4 chips: an abstract mesh, not the 8 CPU devices
+def test_tpu_topology_falls_back_to_abstract_lowering_without_its_compiler():
+    r = run_preflight(load_run_config(TINY), "v5p-8", target_compile=False)  # as on a host without libtpu
     assert r.mesh == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
-    assert any("no TPU compiler on this host" in n for n in r.notes)
     assert "lowered for tpu on an abstract 4-device mesh" in r.step_check and r.compiled is None
     assert r.ok
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu present: no fallback")
+def test_tpu_topology_without_libtpu_says_how_to_get_it():
+    r = run_preflight(load_run_config(TINY), "v5p-8")
+    assert any("no TPU compiler on this host (libtpu is not installed" in n and "bootstrap.sh --tpu" in n
+               for n in r.notes)
+    assert r.compiled is None and r.ok
+
+
+LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+@pytest.mark.skipif(not LIBTPU, reason="libtpu is not installed (tools/bootstrap.sh --test installs it; pip could "
+                    "not have, e.g. no wheel for this platform)")
+@pytest.mark.parametrize("topology,overrides", [
+    ("v5p-8", []),  # 4 chips, fsdp=4
+    ("v6e-8", ["mesh.fsdp=2", "mesh.data=4", "quant.recipe=q4_0"]),  # 8 chips; d_model 64 / fsdp 2: whole blocks
+])
+def test_tiny_compiles_for_tpu_slices_with_libtpu(topology, overrides):
+    """The real TPU compiler on this CPU host: the step compiles for the slice, and the logical bytes of the
+    compiled program's parameters equal the exact rows (params, optimizer, teacher) plus the batch, step
+    and rng; its argument buffers are those bytes plus (8, 128) tile padding, byte for byte."""
+    from gemma_qat.preflight.layout import argument_bytes
+    cfg = load_run_config(TINY, overrides)
+    r = run_preflight(cfg, topology)
+    assert r.target_compiled and r.compiled_on == f"TPU compiler ({topology})" and r.ok, (r.problems, r.notes)
+    assert "by the TPU compiler" in r.step_check and r.compile_seconds > 0
+    rows = _rows(r)
+    batch = 5 * r.rows_per_device * cfg.data.seq_len * 4  # five int32 [b, T] inputs
+    exact = rows["student params"] + rows["optimizer state"] + rows["teacher params"] + batch + 12  # step, rng
+    logical, stored = argument_bytes(r.compiled_program.as_text())
+    assert logical == exact
+    assert stored == r.compiled["argument_size"] and r.layout_padding == stored - exact > 0
+    assert any("argument buffers = exact rows + batch + " in c for c in r.checks)
+    assert r.total == r.compiled["peak"] and r.cost["flops"] > 0
+    assert r.compiled_program.as_text().count("all-gather") > 0  # FSDP: the weights are gathered
 
 
 @pytest.mark.parametrize("overrides,match", [

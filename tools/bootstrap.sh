@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv in the checkout and installs gemma-qat into it (editable).
 #   tools/bootstrap.sh          runtime dependencies only
-#   tools/bootstrap.sh --test   plus the test extras (CPU torch, transformers, gguf, pytest)
+#   tools/bootstrap.sh --test   plus the test extras (CPU torch, transformers, gguf, pytest) and the TPU compiler
+#   tools/bootstrap.sh --tpu    runtime dependencies plus the TPU compiler (libtpu, as jax's `tpu` extra pins
+#                               it), for `gemma-qat preflight` on TPU topologies from any host
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -11,7 +13,9 @@ if [ "${1:-}" = "--test" ]; then
   # On this kind of machine pip finds torch 2.13.0 (CPU) on local disk; elsewhere it comes from PyPI.
   .venv/bin/python -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
   # llama-cpp-python compiles llama.cpp; portable flags so the build runs on any x86-64 CPU.
-  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" pip_install -e ".[test]"
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" pip_install -e ".[test,tpu]"
+elif [ "${1:-}" = "--tpu" ]; then
+  pip_install -e ".[tpu]"
 else
   pip_install -e .
 fi

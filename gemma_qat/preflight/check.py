@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 import jax
@@ -25,10 +26,10 @@ from flax import traverse_util
 from jax.sharding import AbstractMesh, Mesh
 
 from gemma_qat import checkpoint, sharding
-from gemma_qat.preflight import memory as preflight_memory
+from gemma_qat.preflight import compilers, layout, memory as preflight_memory
 from gemma_qat.model.config import get_config
 from gemma_qat.model.params import abstract_params, logical_axes
-from gemma_qat.preflight.report import Report, TensorRow
+from gemma_qat.preflight.report import Report, TensorRow, size
 from gemma_qat.preflight.topologies import Topology, parse
 from gemma_qat.quant.policy import RecipePolicy, check_q4_0_blocks, placeholder_scales
 from gemma_qat.train import build, optimizer as optim, state as state_lib, step as step_lib
@@ -174,42 +175,66 @@ def _policy(cfg: RunConfig, s_cfg):
     return policy
 
 
-def _memory_stats(compiled) -> dict | None:
-    m = compiled.memory_analysis()
-    if m is None:
-        return None
-    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
-    stats = {k.replace("_in_bytes", ""): int(getattr(m, k)) for k in keys}
-    stats["peak"] = stats["argument_size"] + stats["output_size"] - stats["alias_size"] + stats["temp_size"]
-    return stats
+def _compile(plan, recipe: str):
+    """(the Compiled step, seconds to lower and compile)."""
+    t0 = time.perf_counter()
+    with sharding.activate(plan.mesh, recipe):
+        compiled = plan.jitted.lower(plan.state, plan.teacher, plan.batch).compile()
+    return compiled, time.perf_counter() - t0
 
 
-def _check_step(cfg, topo, shape, build, report: Report, *, cpu_compile: bool) -> None:
-    """Compiles for the target if its compiler is here; otherwise lowers on the abstract mesh for the
-    target platform, and compiles on XLA:CPU fake devices when asked and the count matches."""
+def _out_of_memory(e: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e)
+
+
+def _check_arguments(plan, compiled, who: str, report: Report) -> None:
+    """The compiler's argument buffers against the exact rows: the logical bytes of its entry parameters
+    must equal state + teacher + batch as preflight sized them; what the buffers hold beyond that is
+    the layout's tile padding (TPU), reported as such."""
+    logical, stored = layout.argument_bytes(compiled.as_text())
+    # jit prunes arguments the step never reads: offline (no teacher), `targets` is one of them.
+    batch = {k: v for k, v in plan.batch.items() if plan.teacher or k != "targets"}
+    expected = _nbytes(plan.state) + _nbytes(plan.teacher) + _nbytes(batch)
+    report.layout_padding = stored - logical
+    if logical != expected:
+        report.problems.append(f"the {who} receives {logical:,} bytes of arguments per device, preflight sized "
+                               f"{expected:,}: the exact rows are wrong for this program")
+    elif stored != report.compiled["argument_size"]:
+        report.notes.append(f"argument buffers {report.compiled['argument_size']:,} B vs {stored:,} B from the "
+                            "entry layouts: the tiling rule in preflight/layout.py missed something")
+    else:
+        pad = f" + {size(stored - logical)} of tile padding" if stored > logical else ""
+        report.checks.append(f"{who}: argument buffers = exact rows + batch{pad}, to the byte")
+
+
+def _check_step(cfg, topo, shape, plan_for, report: Report, *, cpu_compile: bool, target: bool) -> None:
+    """Compiles for the target with its own compiler when it is here (libtpu for TPU slices, the CUDA
+    plugin on a GPU host for GPU clusters); otherwise lowers on the abstract mesh for the target
+    platform, and compiles on XLA:CPU fake devices when asked and the count matches."""
     recipe = cfg.mesh.recipe
-    if topo.platform == "tpu":
-        from jax.experimental import topologies as jtopo
+    devices = None
+    if target:
         try:
-            devices = jtopo.get_topology_desc(platform="tpu", **topo.tpu_topology_kwargs()).devices
-        except RuntimeError as e:  # "JAX TPU support not installed": a CPU host without libtpu
-            report.notes.append(f"no TPU compiler on this host ({str(e).split(' See ')[0].strip()}): "
-                                "fell back to lowering on an abstract mesh")
-        else:
-            plan = build(Mesh(np.asarray(devices).reshape(shape), sharding.MESH_AXES))
-            try:
-                with sharding.activate(plan.mesh, recipe):
-                    compiled = plan.jitted.lower(plan.state, plan.teacher, plan.batch).compile()
-            except Exception as e:  # XlaRuntimeError; only an out-of-HBM verdict is an answer, not a crash
-                if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
-                    raise
-                report.problems.append(f"the TPU compiler says it does not fit: {str(e)[:600]}")
-                report.step_check, report.compiler_out_of_memory = f"compile for {topo.name}: out of HBM", True
-                return
-            report.compiled, report.compiled_on = _memory_stats(compiled), f"TPU compiler ({topo.name})"
-            report.step_check = f"compiled for {topo.name} by the TPU compiler (libtpu)"
+            devices = compilers.target_devices(topo)
+        except compilers.CompilerUnavailable as e:
+            report.notes.append(f"no {topo.platform.upper()} compiler on this host ({e}): fell back to "
+                                "lowering on an abstract mesh")
+    if devices is not None:
+        who = f"{'TPU' if topo.platform == 'tpu' else 'GPU'} compiler ({topo.name})"
+        plan = plan_for(Mesh(np.asarray(devices).reshape(shape), sharding.MESH_AXES))
+        try:
+            compiled, seconds = _compile(plan, recipe)
+        except Exception as e:  # XlaRuntimeError; only an out-of-HBM verdict is an answer, not a crash
+            if not _out_of_memory(e):
+                raise
+            report.problems.append(f"the {who} says it does not fit: {str(e)[:600]}")
+            report.step_check, report.compiler_out_of_memory = f"compile for {topo.name}: out of HBM", True
             return
-    plan = build(AbstractMesh(shape, sharding.MESH_AXES))
+        report.set_compiled(compiled, who, seconds, target=True)
+        report.step_check = f"compiled for {topo.name} by the {who.split(' (')[0]} in {seconds:.0f} s"
+        _check_arguments(plan, compiled, who, report)
+        return
+    plan = plan_for(AbstractMesh(shape, sharding.MESH_AXES))
     with jax.sharding.use_abstract_mesh(plan.mesh), nn.logical_axis_rules(sharding.rules(recipe)):
         lowered = plan.jitted.trace(plan.state, plan.teacher, plan.batch).lower(
             lowering_platforms=(topo.lowering_platform,))
@@ -223,10 +248,8 @@ def _check_step(cfg, topo, shape, build, report: Report, *, cpu_compile: bool) -
                             f"{jax.device_count()} {jax.devices()[0].platform} (set XLA_FLAGS="
                             f"--xla_force_host_platform_device_count={topo.chips} before jax starts)")
         return
-    plan = build(Mesh(np.asarray(jax.devices()).reshape(shape), sharding.MESH_AXES))
-    with sharding.activate(plan.mesh, recipe):
-        compiled = plan.jitted.lower(plan.state, plan.teacher, plan.batch).compile()
-    report.compiled, report.compiled_on = _memory_stats(compiled), f"XLA:CPU on {topo.chips} fake devices"
+    compiled, seconds = _compile(plan_for(Mesh(np.asarray(jax.devices()).reshape(shape), sharding.MESH_AXES)), recipe)
+    report.set_compiled(compiled, f"XLA:CPU on {topo.chips} fake devices", seconds, target=False)
     report.step_check += f"; also compiled on XLA:CPU ({topo.chips} fake devices)"
 
 
@@ -259,10 +282,11 @@ def _gathered_layer_bytes(abstract_state, mesh) -> int:
 
 
 def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = True, cpu_compile: bool = False,
-                  teacher_model: str | None = None) -> Report:
+                  teacher_model: str | None = None, target_compile: bool = True) -> Report:
     """The report for `cfg` on `topology`; raises PreflightError when the config cannot run there.
 
     lower=False skips the step (shapes and shardings only: seconds, even for the largest variants).
+    target_compile=False never asks for the target's compiler (lowering on an abstract mesh instead).
     """
     topo = parse(topology) if isinstance(topology, str) else topology
     shape = _mesh_shape(cfg, topo)
@@ -287,8 +311,8 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
                                     rng=jax.random.PRNGKey(0))
 
     abstract = jax.eval_shape(init, abstract_params(s_cfg, param_dtype=p_dtype))
-    build = lambda m: _plan(cfg, m, s_cfg, t_cfg, tx, policy, abstract, cache_k)  # noqa: E731
-    plan = build(mesh)
+    plan_for = lambda m: _plan(cfg, m, s_cfg, t_cfg, tx, policy, abstract, cache_k)  # noqa: E731
+    plan = plan_for(mesh)
     _check_dims(s_cfg, jax.tree.map(lambda a: a.sharding, plan.state.params), mesh, recipe, report.notes)
     if t_cfg is not None and t_cfg is not s_cfg:
         _check_dims(t_cfg, jax.tree.map(lambda a: a.sharding, plan.teacher), mesh, recipe, report.notes)
@@ -325,7 +349,7 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
                f"estimate (remat={cfg.remat}, b={rows}, T={cfg.data.seq_len}, largest transient: {kind})")
     report.largest = _largest(plan.state)
     if lower:
-        _check_step(cfg, topo, shape, build, report, cpu_compile=cpu_compile)
+        _check_step(cfg, topo, shape, plan_for, report, cpu_compile=cpu_compile, target=target_compile)
     else:
         report.step_check = "not traced (shapes and shardings only)"
     report.finish()

@@ -14,6 +14,29 @@ def size(nbytes: float) -> str:
     return f"{nbytes / GIB:.2f} GiB" if abs(nbytes) >= GIB else f"{nbytes / 2**20:.1f} MiB"
 
 
+def memory_stats(compiled) -> dict | None:
+    """Per-device bytes of a compiled program's buffers, with the peak the runtime will need."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
+    stats = {k.replace("_in_bytes", ""): int(getattr(m, k)) for k in keys}
+    stats["peak"] = stats["argument_size"] + stats["output_size"] - stats["alias_size"] + stats["temp_size"]
+    return stats
+
+
+COST_KEYS = ("flops", "bytes accessed", "transcendentals", "optimal_seconds")
+
+
+def cost_stats(compiled) -> dict:
+    """The compiler's per-device cost analysis (a dict, or a list of one on some jax versions): flops,
+    bytes accessed, and on TPU `optimal_seconds` (the compiler's own runtime estimate)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return {k: float(cost[k]) for k in COST_KEYS if cost and k in cost}
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorRow:
     path: str
@@ -40,6 +63,11 @@ class Report:
     step_check: str = ""
     compiled: dict | None = None  # memory_analysis of a compile (bytes), with `peak`
     compiled_on: str = ""
+    compiled_by_target: bool = False  # the target's own compiler (libtpu, the CUDA plugin), not XLA:CPU fakes
+    compile_seconds: float | None = None  # lowering + compiling the step
+    layout_padding: int = 0  # bytes of tile padding in the argument buffers (TPU layouts)
+    cost: dict = dataclasses.field(default_factory=dict)  # the compiler's cost analysis: flops, bytes accessed, ...
+    compiled_program: Any = dataclasses.field(default=None, repr=False)  # the jax Compiled (not serialised)
     total: int = 0
     total_source: str = ""
     fits: bool = False
@@ -63,7 +91,13 @@ class Report:
     @property
     def target_compiled(self) -> bool:
         # Only the target's own compiler gives buffer sizes to trust; XLA:CPU fuses and upcasts differently.
-        return self.compiled is not None and self.compiled_on.startswith("TPU compiler")
+        return self.compiled is not None and self.compiled_by_target
+
+    def set_compiled(self, compiled, compiled_on: str, seconds: float, *, target: bool) -> None:
+        """Records a compile of the step: its memory analysis, cost analysis and the program itself."""
+        self.compiled, self.compiled_on = memory_stats(compiled), compiled_on
+        self.compiled_by_target, self.compile_seconds, self.compiled_program = target, seconds, compiled
+        self.cost = cost_stats(compiled)
 
     def finish(self) -> None:
         if self.target_compiled:
@@ -83,6 +117,7 @@ class Report:
             "memory_per_device": [{"what": w, "bytes": b, "source": s} for w, b, s in self.rows],
             "estimate_terms": self.estimate_terms,
             "compiled": self.compiled, "compiled_on": self.compiled_on or None,
+            "compile_seconds": self.compile_seconds, "cost": self.cost, "layout_padding_bytes": self.layout_padding,
             "total_bytes": self.total, "total_source": self.total_source,
             "fits": self.fits, "margin_bytes": self.margin, "ok": self.ok,
             "step_check": self.step_check, "checks": self.checks, "problems": self.problems, "notes": self.notes,

@@ -1,0 +1,49 @@
+"""Argument bytes of a compiled program from the layouts its compiler chose.
+
+The TPU compiler stores arrays in tiles (`f32[512,16]{0,1:T(8,128)}`: dimension 0 is the minor one,
+tiled 8 × 128 over the two most minor dimensions), so a [512, 16] shard occupies 512 × 128 floats. The
+preflight's exact rows count logical bytes; this module gives both the logical and the tiled size of
+every entry parameter, so the report can show that the compiler's argument buffers are exactly the
+rows plus tile padding (on GPU and CPU there is no tiling and both sizes agree).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+            "s64": 8, "u64": 8, "f64": 8, "s4": 0.5, "u4": 0.5}
+_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\](?:\{([^}]*)\})?")
+
+
+def _entry_parameters(hlo_text: str) -> str:
+    start = hlo_text.find("entry_computation_layout={(")
+    if start < 0:
+        raise ValueError("no entry_computation_layout in this HLO text (is it a compiled module?)")
+    start += len("entry_computation_layout={(")
+    return hlo_text[start:hlo_text.index(")->", start)]
+
+
+def _tiled_elements(dims: list[int], layout: str) -> int:
+    """Elements stored for `dims` under `minor_to_major:T(a,b)...` (the first tile pads the most minor dims)."""
+    minor_to_major, _, tiling = layout.partition(":")
+    order = [int(x) for x in minor_to_major.split(",") if x] or [0]
+    padded = list(dims) or [1]  # a scalar is stored as one element of its tile
+    tile = re.match(r"T\(([\d,]+)\)", tiling)
+    for k, size in enumerate(reversed([int(x) for x in tile.group(1).split(",")] if tile else [])):
+        if k < len(order):
+            padded[order[k]] = math.ceil(padded[order[k]] / size) * size
+    return math.prod(padded)
+
+
+def argument_bytes(hlo_text: str) -> tuple[int, int]:
+    """(logical bytes, bytes as laid out) over the entry computation's parameters, per device."""
+    logical = stored = 0
+    for dtype, dims_text, layout in _ARRAY.findall(_entry_parameters(hlo_text)):
+        if dtype not in ITEMSIZE:
+            raise ValueError(f"unknown HLO element type {dtype!r} in the entry layout")
+        dims = [int(d) for d in dims_text.split(",") if d]
+        logical += math.ceil(math.prod(dims) * ITEMSIZE[dtype])
+        stored += math.ceil(_tiled_elements(dims, layout or "") * ITEMSIZE[dtype])
+    return logical, stored
