@@ -35,6 +35,7 @@ from gemma_qat.model.config import get_config, interleave
 from gemma_qat.model.grouped_matmul import GROUPED_IMPLS
 from gemma_qat.model.params import init_params
 from gemma_qat.model.transformer import Transformer
+from gemma_qat.preflight.report import cost_stats
 from gemma_qat.quant.policy import RecipePolicy
 from gemma_qat.quant.q4_0_kernel import IMPLS as Q4_0_IMPLS
 from gemma_qat.loss_kernel import IMPLS as LOSS_IMPLS
@@ -165,7 +166,9 @@ def run_mode(args) -> dict:
             "freeze_embeddings": args.freeze_embeddings, "step_s": dt, "tokens_per_s": tok_s,
             "mfu": tok_s * flops_per_token(cfg, t, "teacher" in mode) / args.peak,
             "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "compile_s": compile_s,
-            "loss": float(loss), "device": jax.devices()[0].device_kind}
+            "loss": float(loss), "device": jax.devices()[0].device_kind,
+            "cost": cost_stats(step),  # the compiler's flops / bytes accessed (custom-call kernels count 0)
+            "model_flops_per_token": flops_per_token(cfg, t, "teacher" in mode)}
 
 
 def main():

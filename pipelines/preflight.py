@@ -9,6 +9,7 @@ cannot run there at all (mesh vs chips, a dimension the mesh does not divide, ..
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import sys
@@ -53,6 +54,11 @@ def run(args) -> int:
     cfg = load_run_config(args.config, args.overrides)
     report = run_preflight(cfg, topo, lower=not args.no_lower, cpu_compile=args.cpu_compile,
                            teacher_model=args.teacher_model)
+    if args.hlo_out and report.compiled_program is not None:
+        text = report.compiled_program.as_text()
+        opener = gzip.open if args.hlo_out.endswith(".gz") else open
+        with opener(args.hlo_out, "wt") as f:
+            f.write(text)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     return 0 if report.ok else 1
 
@@ -69,6 +75,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also compile the step on XLA:CPU over one fake device per chip (slow for big "
                         "models; its memory numbers are indicative, not the target's)")
     p.add_argument("--teacher-model", help="variant to size the teacher as when its checkpoint is not here")
+    p.add_argument("--hlo-out", help="write the compiled step's HLO text here (.gz: gzipped), when it was compiled")
 
 
 def register(subparsers) -> None:
