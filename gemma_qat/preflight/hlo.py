@@ -1,0 +1,265 @@
+"""A small reader of compiled HLO text (`jax.jit(f).lower(...).compile().as_text()`), enough for the
+preflight's communication count and step model: computations, instructions, shapes, and how many times
+each computation runs per step (its call graph, with while-loop trip counts).
+
+Checked on the text that XLA:CPU (jax 0.10.2) and the GPU compiler (jax 0.11.2, AOT on an 8-device
+`get_topology_desc(platform="cuda")`) print; the TPU compiler prints the same grammar. What it reads:
+
+    HloModule NAME, is_scheduled=true, ..., num_partitions=8, ...
+    %comp (p: f32[8]) -> f32[8] {            a computation (ENTRY before the entry one)
+      %x = f32[8]{0} parameter(0)
+      ROOT %y = (f32[8]{0}, bf16[2]{0}) op(%a, f32[8]{0} %b), attr=..., metadata={...}
+    }
+
+Operands are names, with or without a leading shape (both spellings occur); a tuple shape may carry
+`/*index=5*/` comments. Trip counts come from a while's `backend_config` `"known_trip_count":{"n":"4"}`;
+a while without one makes every computation under it run an unknown number of times (None).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+# Bytes per element of each HLO primitive type (4-bit types count half a byte).
+DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8, "u64": 8,
+    "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5, "s2": 0.25,
+    "u2": 0.25, "token": 0,
+}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
+_CALLS = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation|branch_computations)"
+                    r"=(\{[^}]*\}|%?[\w.\-]+)")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_NAME = re.compile(r"%?([\w.\-]+)$")
+
+
+def dtype_bytes(dtype: str) -> float:
+    """f8e4m3fn and the other 8-bit floats are 1 byte; an unknown type raises (better than a silent 0)."""
+    if dtype.startswith("f8"):
+        return 1
+    return DTYPE_BYTES[dtype]
+
+
+def arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Every array in a (possibly nested tuple) shape string, in order: [(dtype, dims), ...]."""
+    return [(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _ARRAY.findall(shape)
+            if d in DTYPE_BYTES or d.startswith("f8")]
+
+
+def nbytes(shape: str) -> int:
+    return int(sum(math.prod(dims) * dtype_bytes(d) for d, dims in arrays(shape)))
+
+
+def nelements(shape: str) -> int:
+    return sum(math.prod(dims) for _, dims in arrays(shape))
+
+
+@dataclasses.dataclass
+class Instruction:
+    name: str
+    shape: str      # the result shape as printed, e.g. "f32[8,512]{1,0}" or a tuple "(...)"
+    opcode: str
+    operands: list[str]
+    attrs: str      # everything after the operand list
+    computation: str
+
+    def called(self) -> dict[str, list[str]]:
+        """{'calls': [...], 'body': [...], ...}: the computations this instruction names."""
+        out: dict[str, list[str]] = {}
+        for key, val in _CALLS.findall(self.attrs):
+            out.setdefault(key, []).extend(v.strip().lstrip("%") for v in val.strip("{}").split(",") if v.strip())
+        return out
+
+    @property
+    def trip_count(self) -> int | None:
+        m = _TRIP.search(self.attrs)
+        return int(m.group(1)) if m else None
+
+    def attr(self, key: str) -> str | None:
+        """A plain `key=value` attribute (value up to the next top-level comma), e.g. replica_groups."""
+        m = re.search(r"\b" + re.escape(key) + r"=", self.attrs)
+        if not m:
+            return None
+        depth, i = 0, m.end()
+        for j in range(i, len(self.attrs)):
+            c = self.attrs[j]
+            if c in "{[(":
+                depth += 1
+            elif c in "}])":
+                depth -= 1
+            elif c == "," and depth == 0:
+                return self.attrs[i:j].strip()
+        return self.attrs[i:].strip()
+
+
+@dataclasses.dataclass
+class Computation:
+    name: str
+    is_entry: bool
+    instructions: list[Instruction] = dataclasses.field(default_factory=list)
+    shapes: dict[str, str] = dataclasses.field(default_factory=dict)  # instruction name -> result shape
+
+
+def _balanced(text: str, start: int) -> int:
+    """Index just past the bracket group that opens at text[start]."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] in "({[":
+            depth += 1
+        elif text[i] in ")}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    raise ValueError(f"unbalanced brackets in HLO line: {text[:200]}")
+
+
+def _split_top(text: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for c in text:
+        if c in "({[":
+            depth += 1
+        elif c in ")}]":
+            depth -= 1
+        if c == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+    if "".join(cur).strip():
+        parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+_LHS = re.compile(r"^(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
+_OPCODE = re.compile(r"\s*([a-z][\w\-]*)\(")
+
+
+def _instruction(line: str, computation: str) -> Instruction | None:
+    m = _LHS.match(line)
+    if not m:
+        return None
+    rest = line[m.end():]
+    if rest.startswith("("):
+        end = _balanced(rest, 0)
+    else:
+        end = rest.index(" ") if " " in rest else len(rest)
+    shape, rest = rest[:end], rest[end:]
+    op = _OPCODE.match(rest)
+    if not op:
+        return None
+    close = _balanced(rest, op.end() - 1)
+    operands = [_NAME.search(o.split()[-1]).group(1) for o in _split_top(rest[op.end():close - 1])
+                if _NAME.search(o.split()[-1])]
+    return Instruction(m.group(1), shape, op.group(1), operands, rest[close:].lstrip(", "), computation)
+
+
+@dataclasses.dataclass
+class Module:
+    name: str
+    header: str
+    computations: dict[str, Computation]
+    entry: str
+
+    @property
+    def is_scheduled(self) -> bool:
+        return "is_scheduled=true" in self.header
+
+    @property
+    def num_devices(self) -> int:
+        """Partitions × replicas: the devices an empty `replica_groups={}` means."""
+        get = lambda key: int(m.group(1)) if (m := re.search(key + r"=(\d+)", self.header)) else 1  # noqa: E731
+        return get("num_partitions") * get("replica_count")
+
+    def instructions(self):
+        for comp in self.computations.values():
+            yield from comp.instructions
+
+    def callers(self) -> dict[str, list[tuple[Instruction, str]]]:
+        """computation -> [(calling instruction, how: 'body', 'calls', ...)]."""
+        out: dict[str, list[tuple[Instruction, str]]] = {}
+        for inst in self.instructions():
+            for how, names in inst.called().items():
+                for n in names:
+                    out.setdefault(n, []).append((inst, how))
+        return out
+
+    def runs(self) -> dict[str, tuple[int | None, tuple[int | None, ...]]]:
+        """computation -> (times it runs per execution of the entry, or None if a while on the way has no
+        known trip count; the trip counts of the while loops it sits in, outermost first, along its first
+        call path). A computation reached by several call sites sums them (both branches of a conditional
+        count: an upper bound)."""
+        callers, memo = self.callers(), {}
+
+        def visit(name: str):
+            if name in memo:
+                return memo[name]
+            if name == self.entry or name not in callers:
+                memo[name] = (1, ())
+                return memo[name]
+            total, loops = 0, None
+            for inst, how in callers[name]:
+                times, outer = visit(inst.computation)
+                factor, here = 1, ()
+                if inst.opcode == "while" and how in ("body", "condition"):
+                    trip = inst.trip_count
+                    factor = None if trip is None else trip + (how == "condition")
+                    here = (trip,)
+                total = None if total is None or times is None or factor is None else total + times * factor
+                loops = outer + here if loops is None else loops
+            memo[name] = (total, loops or ())
+            return memo[name]
+
+        return {name: visit(name) for name in self.computations}
+
+
+def parse(text: str) -> Module:
+    """The module in `text` (one HloModule; compiled output of `Compiled.as_text()`)."""
+    lines = text.splitlines()
+    header = next((ln for ln in lines if ln.startswith("HloModule")), "")
+    name = header.split()[1].rstrip(",") if header else ""
+    comps: dict[str, Computation] = {}
+    entry, current = "", None
+    for raw in lines:
+        line = raw.strip()
+        if not line or line.startswith("//") or raw.startswith("HloModule"):
+            continue
+        if current is None or not raw.startswith((" ", "\t")):
+            if line.startswith("}"):
+                current = None
+                continue
+            if line.endswith("{") and " = " not in line.split("(")[0]:
+                is_entry = line.startswith("ENTRY")
+                cname = line.removeprefix("ENTRY").strip().split()[0].split("(")[0].lstrip("%")
+                current = comps[cname] = Computation(cname, is_entry)
+                entry = cname if is_entry else entry
+                continue
+        if current is not None:
+            inst = _instruction(line, current.name)
+            if inst is not None:
+                current.instructions.append(inst)
+                current.shapes[inst.name] = inst.shape
+    if not entry and comps:
+        entry = list(comps)[-1]  # printers put ENTRY last when the keyword is missing
+    return Module(name, header, comps, entry)
+
+
+def dot_flops(module: Module) -> int | None:
+    """2·M·N·K of every `dot` in the module (fused ones too), times how often its computation runs: a
+    loop-aware matmul count, since XLA's cost_analysis() counts a while body once. None when a dot sits
+    in a loop of unknown trip count. Library GEMMs that the GPU compiler emits as custom-calls
+    (`__cublas$gemm`) are not dots in the text and are not counted."""
+    runs, total = module.runs(), 0
+    for inst in module.instructions():
+        if inst.opcode != "dot":
+            continue
+        times, _ = runs[inst.computation]
+        if times is None:
+            return None
+        lhs = module.computations[inst.computation].shapes.get(inst.operands[0], "")
+        dims = arrays(lhs)[0][1] if arrays(lhs) else ()
+        contracting = inst.attr("lhs_contracting_dims") or "{}"
+        k = math.prod(dims[int(i)] for i in contracting.strip("{}").split(",") if i.strip())
+        total += 2 * nelements(inst.shape) * k * times
+    return total
