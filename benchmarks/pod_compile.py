@@ -39,9 +39,9 @@ TPU_MATRIX = [
     ("26b-a4b-q4_0", "v5p-128", []), ("26b-a4b-q4_0", "v6e-128", []),
     ("31b-q4_0", "v5p-128", []), ("31b-q4_0", "v6e-128", []),
 ]
-GPU_MATRIX = [
-    ("e2b-q4_0", "8xH100", []), ("e2b-q4_0", "8xH200", []), ("e4b-mobile", "8xH200", []),
-    ("e4b-q4_0", "8xH100", []), ("12b-q4_0", "8xH200", []), ("31b-q4_0", "4x8xH100", []),
+GPU_MATRIX = [  # the presets whose topology is a GPU cluster, then more sizes
+    ("e2b-q4_0", "8xH100", []), ("e4b-mobile", "8xH200", []), ("31b-q4_0", "4x8xH100", []),
+    ("e2b-q4_0", "8xH200", []), ("e4b-q4_0", "8xH100", []), ("12b-q4_0", "8xH200", []),
 ]
 
 
@@ -49,9 +49,14 @@ def _variant(preset: str) -> str:
     return preset.rsplit("-", 1)[0]
 
 
+def _sizing(preset: str) -> list[str]:
+    """Presets name a checkpoint folder that is not here: size it as the variant it was imported from."""
+    return [f"model.name={_variant(preset)}"] if preset.endswith(("-q4_0", "-mobile")) else []
+
+
 def run_case(preset: str, topology: str | None, overrides: list[str], timeout: int) -> dict:
     cmd = [sys.executable, "-m", "gemma_qat.cli", "preflight", "--config", str(ROOT / "configs" / f"{preset}.toml"),
-           f"model.name={_variant(preset)}", *overrides, "--json"] + (["--topology", topology] if topology else [])
+           *_sizing(preset), *overrides, "--json"] + (["--topology", topology] if topology else [])
     t0 = time.perf_counter()
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -84,9 +89,10 @@ def table(rows: list[dict]) -> str:
         c = r.get("compiled") or {}
         mesh = "×".join(f"{k[0]}{v}" for k, v in r["mesh"].items() if v > 1)
         ratio = f"{estimate / c['peak']:.2f}" if c.get("peak") else "–"
-        comm = r.get("collectives", {}).get("bytes_total")
+        comm = r.get("collectives", {}).get("bytes")
         pred = r.get("prediction") or {}
         mfu = (f"{100 * pred['mfu_overlapped']:.0f}…{100 * pred['mfu_serial']:.0f}%" if pred else "–")
+        comm = None if comm is None else comm * 1.0
         out.append(f"| {row['preset']} | {r['topology']['name']} | {mesh} | {r.get('compile_seconds') or 0:.0f} | "
                    f"{exact / GIB:.1f} | {estimate / GIB:.1f} | {_mib_or_gib(c.get('argument_size'))} / "
                    f"{_mib_or_gib(c.get('temp_size'))} / {_mib_or_gib(c.get('peak'))} | {ratio} | "

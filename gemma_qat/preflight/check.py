@@ -26,7 +26,7 @@ from flax import traverse_util
 from jax.sharding import AbstractMesh, Mesh
 
 from gemma_qat import checkpoint, sharding
-from gemma_qat.preflight import compilers, layout, memory as preflight_memory
+from gemma_qat.preflight import compilers, layout, memory as preflight_memory, performance
 from gemma_qat.model.config import get_config
 from gemma_qat.model.params import abstract_params, logical_axes
 from gemma_qat.preflight.report import Report, TensorRow, size
@@ -350,6 +350,8 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
     report.largest = _largest(plan.state)
     if lower:
         _check_step(cfg, topo, shape, plan_for, report, cpu_compile=cpu_compile, target=target_compile)
+        if report.compiled_program is not None:
+            performance.analyse(report, s_cfg, t_cfg)
     else:
         report.step_check = "not traced (shapes and shardings only)"
     report.finish()

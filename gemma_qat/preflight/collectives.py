@@ -198,12 +198,20 @@ def from_module(module: hlo.Module) -> list[Collective]:
         for i, inst in enumerate(comp.instructions):
             if inst.opcode == "async-start":
                 wrapped.update({name: (comp, i) for name in inst.called().get("calls", [])})
+    callers = module.callers()
     found = []
     for comp in module.computations.values():
         for i, inst in enumerate(comp.instructions):
             kind = inst.opcode.removesuffix("-start")
             if kind not in KINDS:
                 continue
+            # TPU: a reduce-scatter is a fusion calling `%all-reduce-scatter.N` (an all-reduce and the
+            # dynamic-slice of this device's part, emitted as one reduce-scatter); the fusion carries
+            # the op name and the scattered result shape.
+            fused_by = next((c for c, how in callers.get(comp.name, []) if c.opcode == "fusion"), None)
+            if kind == "all-reduce" and fused_by is not None and comp.name.startswith("all-reduce-scatter"):
+                kind, inst = "reduce-scatter", dataclasses.replace(inst, shape=fused_by.shape,
+                                                                   attrs=inst.attrs + " " + fused_by.attrs)
             # Where it is scheduled: its own computation, or the caller of its async wrapper.
             sched, idx = wrapped.get(comp.name, (comp, i))
             is_async = (inst.opcode.endswith("-start") or comp.name in wrapped) and not (

@@ -68,6 +68,10 @@ class Report:
     layout_padding: int = 0  # bytes of tile padding in the argument buffers (TPU layouts)
     cost: dict = dataclasses.field(default_factory=dict)  # the compiler's cost analysis: flops, bytes accessed, ...
     compiled_program: Any = dataclasses.field(default=None, repr=False)  # the jax Compiled (not serialised)
+    collectives: dict = dataclasses.field(default_factory=dict)  # collectives.summarize of the compiled step
+    collectives_table: str = ""
+    weight_gathers: dict = dataclasses.field(default_factory=dict)  # FSDP weight all-gather bytes by dtype
+    prediction: dict = dataclasses.field(default_factory=dict)  # performance.analyse: step time, MFU
     total: int = 0
     total_source: str = ""
     fits: bool = False
@@ -118,6 +122,7 @@ class Report:
             "estimate_terms": self.estimate_terms,
             "compiled": self.compiled, "compiled_on": self.compiled_on or None,
             "compile_seconds": self.compile_seconds, "cost": self.cost, "layout_padding_bytes": self.layout_padding,
+            "collectives": self.collectives, "weight_gathers": self.weight_gathers, "prediction": self.prediction,
             "total_bytes": self.total, "total_source": self.total_source,
             "fits": self.fits, "margin_bytes": self.margin, "ok": self.ok,
             "step_check": self.step_check, "checks": self.checks, "problems": self.problems, "notes": self.notes,
@@ -146,6 +151,14 @@ class Report:
         for r in self.largest:
             out.append(f"  {r.path:48s} {str(r.shape):22s} {r.spec:34s} → {str(r.local_shape):20s} "
                        f"{r.local_bytes / 2**20:9.1f} MiB")
+        if self.collectives:
+            out += ["", self.collectives_table]
+        if self.weight_gathers:
+            out.append("FSDP weight all-gathers by dtype: " + ", ".join(
+                f"{k} {v / 2**20:,.1f} MiB" for k, v in sorted(self.weight_gathers.items())))
+        if self.prediction:
+            p = self.prediction
+            out.append(f"predicted ({self.compiled_on}; calibration {p['calibration']:.2f} of peak): {p['text']}")
         out += [f"check: {x}" for x in self.checks]
         out += [f"note: {x}" for x in self.notes]
         out += [f"PROBLEM: {x}" for x in self.problems]

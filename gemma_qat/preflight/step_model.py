@@ -73,6 +73,13 @@ CHIPS = {
     "H200": ChipSpec("H200", 989e12, 4800 * GB, 450 * GB, 400 / 8 * GB),
 }
 DEFAULT_CALIBRATION = 0.6
+# The achieved fraction of peak of the distillation step (executed FLOPs / (peak × measured step time)),
+# measured on one H200 (launch/README.md, "Calibration"); chips without their own entry use "default".
+CALIBRATION: dict[str, float] = {}
+
+
+def calibration(chip: str) -> float:
+    return CALIBRATION.get(chip, CALIBRATION.get("default", DEFAULT_CALIBRATION))
 
 
 def cost_dict(cost) -> dict:
