@@ -66,7 +66,9 @@ def run_case(preset: str, topology: str | None, overrides: list[str], timeout: i
     try:
         row["report"] = json.loads(out.stdout)
     except json.JSONDecodeError:
-        row["error"] = (out.stderr.strip().splitlines() or ["no output"])[-1][:400]
+        lines = [l for l in out.stderr.strip().splitlines() if l.strip() and "frozen runpy" not in l]
+        row["error"] = (lines or ["no output"])[-1][:400]
+        row["stderr_tail"] = out.stderr[-4000:]
     return row
 
 

@@ -108,6 +108,18 @@ def tree_shardings(abstract_tree, logical_specs, mesh: Mesh, recipe: str):
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def logical_shards(name: str) -> int:
+    """How many ways the active mesh and rules (`activate`) split logical axis `name`; 1 outside them.
+    For choices a layer makes by layout (a fused kernel that needs equal shardings), never for math."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = get() if get is not None else None
+    if mesh is None or getattr(mesh, "empty", True):
+        return 1
+    axes = nn.logical_to_mesh_axes((name,))[0]
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(dict(zip(mesh.axis_names, mesh.axis_sizes)).get(a, 1) for a in names)
+
+
 def batch_sharding(mesh: Mesh, recipe: str) -> NamedSharding:
     """[B, T] inputs: batch over the recipe's batch axes."""
     return NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch", None), rules(recipe)))

@@ -68,3 +68,25 @@ def test_auto_falls_back_when_cudnn_refuses(monkeypatch):
     np.testing.assert_array_equal(attend(q, k, v, mask, None, 4, impl="auto"), attend(q, k, v, mask, None, 4))
     with pytest.raises((RuntimeError, NotImplementedError, ValueError)):
         attend(q, k, v, mask, None, 4, impl="cudnn")
+
+
+@pytest.mark.parametrize("kv_heads,expect_fused", [(1, False), (2, True)])
+def test_auto_takes_cudnn_only_where_tensor_parallelism_splits_kv_heads_like_query_heads(monkeypatch, kv_heads,
+                                                                                        expect_fused):
+    """cuDNN's partitioner needs q, k and v sharded alike: with tensor=2 and a single KV head (E2B), k and
+    v stay replicated while q splits, so `auto` must take the XLA path there (the GPU compiler otherwise
+    fails with "Query, key and value should have same sharding"). The logical shards come from the
+    active mesh and rules, as in the training step."""
+    from gemma_qat import sharding
+    from gemma_qat.model import attention
+    calls = []
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "fused_sdpa", lambda *a, **k: calls.append(1) or a[0])
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(2, 16, 4, kv_heads, 32))
+    mask = attention_mask(jnp.ones((2, 16), jnp.int32), None)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=2, recipe="fsdp_tp"))
+    with sharding.activate(mesh, "fsdp_tp"):
+        shards = sharding.logical_shards("act_heads")
+        attention.attend(q, k, v, mask, None, None, impl="auto", head_shards=shards)
+    assert shards == 2 and bool(calls) == expect_fused
+    assert sharding.logical_shards("act_heads") == 1  # outside a mesh: nothing is split

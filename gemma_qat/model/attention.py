@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from gemma_qat import sharding
 from gemma_qat.model.layers import Array, DType, Einsum, QuantPolicy, RMSNorm, apply_rope, rope_inv_freq
 
 _NEG_INF = -2.3819763e38  # most negative bf16-representable value; keeps fully masked rows finite
@@ -41,7 +42,7 @@ CUDNN_MAX_HEAD_DIM = 256  # cuDNN flash attention on Hopper; the 512-wide global
 
 
 def attend(q: Array, key: Array, value: Array, mask: Array, segment_ids: Array | None, window: int | None,
-           impl: str = "xla") -> Array:
+           impl: str = "xla", head_shards: int = 1) -> Array:
     """Softmax attention without 1/√H scaling (Gemma 4 relies on QK-norm; HF `scaling = 1.0`).
 
     q [B, T, N, H], key/value [B, S, K, H] (N a multiple of K: contiguous groups of N/K query heads
@@ -51,11 +52,13 @@ def attend(q: Array, key: Array, value: Array, mask: Array, segment_ids: Array |
     impl "cudnn": cuDNN's fused flash attention (GPU, bf16/fp16, head dim ≤ 256, self-attention with
     S = T): causal and the sliding window are cuDNN's own masks, and packed documents (segment_ids
     given; None means one document per row) enter as an additive bias built from the segment rule.
-    "auto" takes cudnn where it applies (a GPU backend, head dim and dtype supported, S = T), xla
-    elsewhere."""
+    "auto" takes cudnn where it applies (a GPU backend, head dim and dtype supported, S = T, and the KV
+    heads split as the query heads do: `head_shards` ways under tensor parallelism, since cuDNN's
+    partitioner needs q, k and v sharded alike; 1 KV head over tensor=2 is replicated), xla elsewhere."""
     if impl == "auto":
         ok = (jax.default_backend() == "gpu" and q.shape[-1] <= CUDNN_MAX_HEAD_DIM and q.shape[-1] % 8 == 0
-              and q.dtype in (jnp.bfloat16, jnp.float16) and key.shape[1] == q.shape[1])
+              and q.dtype in (jnp.bfloat16, jnp.float16) and key.shape[1] == q.shape[1]
+              and key.shape[2] % head_shards == 0 and q.shape[2] % head_shards == 0)
         if ok:
             try:  # jax checks cuDNN's presence, version and this GPU's limits (e.g. H ≤ 128 before Hopper)
                 return fused_sdpa(q, key, value, segment_ids, window, implementation="cudnn")
@@ -154,7 +157,8 @@ class Attention(nn.Module):
 
         q = nn.with_logical_constraint(q, ("act_batch", "act_seq", "act_heads", None))
         out = attend(q, key, value, mask, segment_ids, self.window,
-                     impl="xla" if cache_index is not None else self.impl)  # [B, T, N, H]
+                     impl="xla" if cache_index is not None else self.impl,
+                     head_shards=sharding.logical_shards("act_heads"))  # [B, T, N, H]
         out = nn.with_logical_constraint(out, ("act_batch", "act_seq", "act_heads", None))
         o = Einsum((n, h, d), ("q_heads", "head_dim", "embed"), (0, 1), name="attn_vec_einsum", **kw)
         return o("BTNH,NHD->BTD", out), new_kv
