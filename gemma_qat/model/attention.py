@@ -156,9 +156,12 @@ class Attention(nn.Module):
             key, value = (a.astype(self.dtype) for a in new_kv)
 
         q = nn.with_logical_constraint(q, ("act_batch", "act_seq", "act_heads", None))
+        shards = sharding.logical_shards("act_heads")
+        if key.shape[2] % shards == 0:  # K and V split like q (a fused kernel's partitioner needs it)
+            key, value = (nn.with_logical_constraint(a, ("act_batch", "act_seq", "act_heads", None))
+                          for a in (key, value))
         out = attend(q, key, value, mask, segment_ids, self.window,
-                     impl="xla" if cache_index is not None else self.impl,
-                     head_shards=sharding.logical_shards("act_heads"))  # [B, T, N, H]
+                     impl="xla" if cache_index is not None else self.impl, head_shards=shards)  # [B, T, N, H]
         out = nn.with_logical_constraint(out, ("act_batch", "act_seq", "act_heads", None))
         o = Einsum((n, h, d), ("q_heads", "head_dim", "embed"), (0, 1), name="attn_vec_einsum", **kw)
         return o("BTNH,NHD->BTD", out), new_kv
