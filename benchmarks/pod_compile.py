@@ -125,7 +125,8 @@ def depth_scaling(preset: str, topology: str, depths: list[int], overrides: list
         cfg = load_run_config(ROOT / "configs" / f"{preset}.toml", [f"model.name={name}", *overrides])
         r = run_preflight(cfg, topo)
         rows.append({"preset": preset, "topology": topology, "layers": depth, "compile_s": r.compile_seconds,
-                     "step_check": r.step_check, "peak": (r.compiled or {}).get("peak")})
+                     "step_check": r.step_check, "compiled": r.compiled, "weight_gathers": r.weight_gathers,
+                     "collectives": r.collectives, "prediction": r.prediction})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

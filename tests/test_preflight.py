@@ -5,14 +5,13 @@ The full-size presets run shapes + shardings only (`lower=False`): tracing and l
 step takes ~15-45 s on two shared cores; `gemma-qat preflight` does it (see launch/README.md).
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
 import jax
 import pytest
 
-from gemma_qat.preflight import topologies
+from gemma_qat.preflight import compilers, topologies
 from gemma_qat.model.config import get_config
 from gemma_qat.preflight.check import PreflightError, run_preflight
 from gemma_qat.train.config import load_run_config
@@ -82,7 +81,7 @@ def test_tpu_topology_falls_back_to_abstract_lowering_without_its_compiler():
     assert r.ok
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu present: no fallback")
+@pytest.mark.skipif(compilers.libtpu_available(), reason="libtpu present: no fallback")
 def test_tpu_topology_without_libtpu_says_how_to_get_it():
     r = run_preflight(load_run_config(TINY), "v5p-8")
     assert any("no TPU compiler on this host (libtpu is not installed" in n and "bootstrap.sh --tpu" in n
@@ -90,10 +89,7 @@ def test_tpu_topology_without_libtpu_says_how_to_get_it():
     assert r.compiled is None and r.ok
 
 
-LIBTPU = importlib.util.find_spec("libtpu") is not None
-
-
-@pytest.mark.skipif(not LIBTPU, reason="libtpu is not installed (tools/bootstrap.sh --test installs it; pip could "
+@pytest.mark.skipif(not compilers.libtpu_available(), reason="libtpu is not installed (tools/bootstrap.sh --test installs it; pip could "
                     "not have, e.g. no wheel for this platform)")
 @pytest.mark.parametrize("topology,overrides", [
     ("v5p-8", []),  # 4 chips, fsdp=4

@@ -2,6 +2,10 @@
 or a GPU cluster (the CUDA compiler of jaxlib's GPU plugin) for `jax.jit(...).lower(...).compile()`.
 
 TPU: libtpu compiles for any v5p/v6e/v5e slice from a CPU host once it knows not to look for one.
+`tools/bootstrap.sh --tpu` (and `--test`) installs it beside the environment (`<venv>/tpu-compiler`),
+not into site-packages, so that jax does not start a TPU backend (and print its warnings) in every
+other command on a host without TPUs; preflight puts that folder on sys.path when it needs it. A
+libtpu in site-packages (`pip install -e ".[tpu]"`, as on a TPU VM) works as well.
 `prepare_libtpu` sets the variables libtpu reads when it loads (each only where the user has not):
 no query of the Cloud metadata server (otherwise ~2 minutes of retries on a host outside Google
 Cloud), an accelerator type and a worker list (otherwise a wall of "could not determine" warnings),
@@ -16,13 +20,16 @@ compiles for NxH200); other models need a GpuTargetConfig text proto (`gpu_targe
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import re
+import sys
 from pathlib import Path
 
 from gemma_qat.preflight.topologies import Topology
 
 TARGET_CONFIGS = Path(__file__).parent / "gpu_target_configs"
+LIBTPU_DIR = Path(sys.prefix) / "tpu-compiler"  # where tools/bootstrap.sh installs libtpu
 
 
 class CompilerUnavailable(RuntimeError):
@@ -38,7 +45,20 @@ def expected_libtpu() -> str | None:
     return None
 
 
+def _find_libtpu() -> None:
+    """Makes a libtpu installed in LIBTPU_DIR importable (jax loads it as the `libtpu` package)."""
+    if importlib.util.find_spec("libtpu") is None and (LIBTPU_DIR / "libtpu").is_dir():
+        sys.path.insert(0, str(LIBTPU_DIR))
+        importlib.invalidate_caches()
+
+
+def libtpu_available() -> bool:
+    _find_libtpu()
+    return importlib.util.find_spec("libtpu") is not None
+
+
 def libtpu_version() -> str | None:
+    _find_libtpu()
     try:
         return importlib.metadata.version("libtpu")
     except importlib.metadata.PackageNotFoundError:
@@ -56,7 +76,7 @@ def check_libtpu() -> str:
     """'libtpu X' when it is installed and is the version jax expects; CompilerUnavailable otherwise."""
     import jax
     spec, version = expected_libtpu(), libtpu_version()
-    fix = f'pip install "libtpu{spec or ""}" (or `bash tools/bootstrap.sh --tpu`)'
+    fix = f'run `bash tools/bootstrap.sh --tpu` (or pip install "libtpu{spec or ""}")'
     if version is None:
         raise CompilerUnavailable(f"libtpu is not installed, so the TPU compiler is not here; {fix}")
     if spec and not _matches(version, spec):
@@ -67,6 +87,7 @@ def check_libtpu() -> str:
 
 def prepare_libtpu(topo: Topology) -> None:
     """Environment for a deviceless TPU compile (see module doc); leaves anything already set."""
+    _find_libtpu()
     defaults = {
         "TPU_SKIP_MDS_QUERY": "1",
         "TPU_ACCELERATOR_TYPE": topo.name,
