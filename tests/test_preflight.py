@@ -92,15 +92,15 @@ def test_tpu_topology_without_libtpu_says_how_to_get_it():
 @pytest.mark.skipif(not compilers.libtpu_available(), reason="libtpu is not installed (tools/bootstrap.sh --test installs it; pip could "
                     "not have, e.g. no wheel for this platform)")
 @pytest.mark.parametrize("topology,overrides", [
-    ("v5p-8", []),  # 4 chips, fsdp=4
+    ("v5p-8", ["data.seq_len=128"]),  # 4 chips, fsdp=4; two loss chunks of 64: a while loop
     ("v6e-8", ["mesh.fsdp=2", "mesh.data=4", "quant.recipe=q4_0"]),  # 8 chips; d_model 64 / fsdp 2: whole blocks
-])
+])  # both with bf16 compute, as on accelerators (tiny.toml computes in fp32 for CPU runs)
 def test_tiny_compiles_for_tpu_slices_with_libtpu(topology, overrides):
     """The real TPU compiler on this CPU host: the step compiles for the slice, and the logical bytes of the
     compiled program's parameters equal the exact rows (params, optimizer, teacher) plus the batch, step
     and rng; its argument buffers are those bytes plus (8, 128) tile padding, byte for byte."""
     from gemma_qat.preflight.layout import argument_bytes
-    cfg = load_run_config(TINY, overrides)
+    cfg = load_run_config(TINY, overrides + ["optimizer.compute_dtype=bfloat16"])
     r = run_preflight(cfg, topology)
     assert r.target_compiled and r.compiled_on == f"TPU compiler ({topology})" and r.ok, (r.problems, r.notes)
     assert "by the TPU compiler" in r.step_check and r.compile_seconds > 0
@@ -112,7 +112,14 @@ def test_tiny_compiles_for_tpu_slices_with_libtpu(topology, overrides):
     assert stored == r.compiled["argument_size"] and r.layout_padding == stored - exact > 0
     assert any("argument buffers = exact rows + batch + " in c for c in r.checks)
     assert r.total == r.compiled["peak"] and r.cost["flops"] > 0
-    assert r.compiled_program.as_text().count("all-gather") > 0  # FSDP: the weights are gathered
+    # Communication of the compiled step: FSDP gathers the fp32 master weights in bf16 (after the cast), the
+    # gradients are reduce-scattered (the TPU's all-reduce-scatter fusions), and every collective's runs
+    # per step are known, also inside the loss's loop (whose trip count is read from its condition).
+    c = r.collectives
+    assert set(r.weight_gathers) == {"bf16"} and c["by_source"]["weights"]["bytes"] > 0
+    assert c["by_kind"]["reduce-scatter"]["ops"] > 0 and c["by_source"]["gradients"]["bytes"] > 0
+    assert c["unknown_runs"] == 0 and (c["in_loops"] > 0) == (cfg.data.seq_len > cfg.distill.chunk_size)
+    assert r.prediction["step_s_serial"] >= r.prediction["step_s_overlapped"] > 0
 
 
 @pytest.mark.parametrize("overrides,match", [

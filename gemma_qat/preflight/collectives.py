@@ -58,7 +58,6 @@ Source (`source`) — how it is told, and its limits:
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 
 from gemma_qat.preflight import hlo, replica_groups
@@ -152,12 +151,10 @@ def classify(c: Collective, params: set, gathered: set) -> str:
     ins, outs = {_norm(s) for s in c.shapes}, {_norm(s) for s in c.result_shapes}
     # The collective combiners merge many small collectives into one and drop their op names.
     backward = "transpose(" in c.op_name or not c.op_name
-    # A weight the fake-quant has reshaped into blocks ([..., D/32, 32]) before the compiler gathers it
-    # keeps its element count, not its dims: matched by size when the dims do not match.
-    sizes = {math.prod(p) for p in params}
+    # Dims, not sizes: a weight the fake-quant reshaped into blocks ([..., D/32, 32]) before the compiler
+    # gathered it reads as an activation (a size match misread embedding-gradient rows as weights).
     if c.kind == "all-gather":
-        by_size = len(c.shapes) == 1 and math.prod(c.shapes[0]) in sizes
-        return "weights" if ins & params or by_size else "activations"
+        return "weights" if ins & params else "activations"
     if c.kind in ("reduce-scatter", "all-reduce"):
         weight_shaped = ins & (params | gathered) or (c.kind == "reduce-scatter" and outs & params)
         return "gradients" if backward and weight_shaped else "activations"

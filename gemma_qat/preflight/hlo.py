@@ -185,6 +185,35 @@ class Module:
                     out.setdefault(n, []).append((inst, how))
         return out
 
+    def while_trip_count(self, inst: Instruction) -> int | None:
+        """The while's `known_trip_count`, else read from its condition: the TPU compiler prints no
+        backend trip count, but jax's loops keep the form `ROOT compare(gte(param, index=k), constant(N)),
+        direction=LT` with the counter starting at the init tuple's element k (a constant; 0 assumed when
+        it is not one, as jax's scan and fori_loop start there). None for any other condition."""
+        if inst.trip_count is not None:
+            return inst.trip_count
+        cond = self.computations.get((inst.called().get("condition") or [""])[0])
+        if cond is None or not cond.instructions:
+            return None
+        by_name = {i.name: i for i in cond.instructions}
+        root = cond.instructions[-1]  # the printer puts ROOT last
+        if root.opcode != "compare" or "direction=LT" not in root.attrs or len(root.operands) != 2:
+            return None
+        counter, limit = (by_name.get(o) for o in root.operands)
+        if counter is None or limit is None or limit.opcode != "constant" or counter.opcode != "get-tuple-element":
+            return None
+        index = int(counter.attr("index") or 0)
+        start = 0
+        init = self._defining(inst.computation, inst.operands[0]) if inst.operands else None
+        if init is not None and init.opcode == "tuple" and index < len(init.operands):
+            first = self._defining(inst.computation, init.operands[index])
+            if first is not None and first.opcode == "constant":
+                start = int(first.operands[0])  # a scalar constant's literal parses as its one operand
+        return int(limit.operands[0]) - start
+
+    def _defining(self, computation: str, name: str) -> Instruction | None:
+        return next((i for i in self.computations[computation].instructions if i.name == name), None)
+
     def runs(self) -> dict[str, tuple[int | None, tuple[int | None, ...]]]:
         """computation -> (times it runs per execution of the entry, or None if a while on the way has no
         known trip count; the trip counts of the while loops it sits in, outermost first, along its first
@@ -203,7 +232,7 @@ class Module:
                 times, outer = visit(inst.computation)
                 factor, here = 1, ()
                 if inst.opcode == "while" and how in ("body", "condition"):
-                    trip = inst.trip_count
+                    trip = self.while_trip_count(inst)
                     factor = None if trip is None else trip + (how == "condition")
                     here = (trip,)
                 total = None if total is None or times is None or factor is None else total + times * factor
