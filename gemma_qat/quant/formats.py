@@ -189,7 +189,7 @@ def q4_0_fake_quant(w: jax.Array, *, in_axis: int) -> jax.Array:
     """Q4_0 forward value (exactly what a GGUF reader dequantizes), identity gradient.
 
     The blocks are split in place along in_axis ([..., n, ...] -> [..., n/32, 32, ...]), not moved last
-    as q4_0_quantize does for packing: the result then leaves in w's own layout, as AQT's untiled dequant
+    as q4_0_quantize does for packing: the result then stays in w's own layout, as AQT's untiled dequant
     does (aqt_backend). A moved-and-moved-back result is a transpose that XLA folds into the consuming dot
     as a transposed-operand GEMM, another kernel with another summation order: on an AVX2 EPYC the
     einsum over it differed from AQT's in the last bits of 114 of 144 outputs (AQT.md, "Bit-exact where")."""
