@@ -115,6 +115,8 @@ def test_first_absmax_is_the_argmax_rule():
     assert np.isnan(got[11]) and np.isnan(ref[11])
     keep = ~np.isnan(ref)
     np.testing.assert_array_equal(got[keep].view(np.uint32), ref[keep].view(np.uint32))
+    got0 = np.asarray(jax.jit(F._first_absmax, static_argnums=1)(jnp.asarray(x.T), 0))  # blocks down axis 0
+    np.testing.assert_array_equal(got0[keep].view(np.uint32), ref[keep].view(np.uint32))
 
 
 def test_q4_0_bf16_input():

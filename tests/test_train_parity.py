@@ -3,7 +3,8 @@ trajectory: sharding changes where the math runs, never what it computes (fp32, 
 order differs).
 
 Training amplifies that reduction-order noise (~1e-7 at step 1) over the steps; with the base
-config's lr it stays below 1e-4 relative over 20 dense steps. MoE routing is discontinuous: once
+config's lr it grows to ~1e-4 relative over 20 dense steps, with single-step spikes near 3e-4 on some
+hosts (measured per ISA in the test). MoE routing is discontinuous: once
 the noise flips one token's top-k expert choice (here after ~5 steps) the trajectories legitimately
 part, so the MoE case compares the steps before that.
 """
@@ -43,7 +44,19 @@ def test_sharded_run_matches_single_device(model, mesh, steps, tmp_path, tmp_pat
     result = train(cfg, print_fn=lambda s: None)
     got = _losses(result, steps)
     assert len(set(np.round(ref, 4))) == steps  # the trajectory moves, so matching it means something
-    np.testing.assert_allclose(got, ref, rtol=2e-4)
+    # Tolerances measured over instruction sets, not on one machine: max relative loss difference,
+    # sharded vs single device (jax 0.10.2):
+    #                      steps 1-5   steps 6-20
+    #   AVX-512 host       < 2e-4      < 2e-4 (the former rtol passed; not measured per step)
+    #   EPYC AVX2+FMA      1.7e-6      2.9e-4 (fsdp, step 19; fsdp_tp 1.1e-4; fsdp_tp_ep 1.7e-6 over 5 steps)
+    #   same, max_isa=SSE4_2  4.5e-7   8.4e-5 (fsdp)
+    # The early steps carry only the reduction-order rounding (~1e-7); Adam's normalised steps then
+    # amplify it chaotically (~1e-5 by step 8, single-step spikes near 3e-4 late), so which step peaks
+    # and how high depends on the host's kernels. 2e-5 early (>10x the measured max) keeps a real
+    # sharding error visible at once; 1e-3 later is ~3x the largest measured spike.
+    early = min(steps, 5)
+    np.testing.assert_allclose(got[:early], ref[:early], rtol=2e-5)
+    np.testing.assert_allclose(got, ref, rtol=1e-3)
     # The parameters really are spread over the mesh.
     emb = result.state.params["embedder"]["input_embedding"]
     assert len({s.device for s in emb.addressable_shards}) == 8

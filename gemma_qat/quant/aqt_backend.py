@@ -9,7 +9,9 @@ the fake-quant; our numerics enter through AQT's extension points:
     x * lax.reciprocal(s) (not IEEE on XLA:GPU; 1/0 -> 1), one scale for codes and values
     (Q4_0 needs fp32 d for codes, fp16 d for values), and how calibration is fed (in_axes
     with Q4_0 tiles; a static activation scale that the backward pass also sees).
-Values and gradients (dW, dx) are bit-identical to formats.py: tests/test_quant_aqt.py.
+Fake-quantized values are bit-identical to formats.py; einsum outputs and gradients (dW, dx) are
+bit-identical when both paths are compiled alike (both jitted or both eager), and within the fp32
+dot bound otherwise (XLA picks dot kernels per program and host): AQT.md, tests/test_quant_aqt.py.
 """
 from __future__ import annotations
 

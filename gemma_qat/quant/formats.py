@@ -116,30 +116,35 @@ def _q4_0_blocks(w: jax.Array, axis: int) -> jax.Array:
 _x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else jax.experimental.enable_x64
 
 
-def _first_absmax(xb: jax.Array) -> jax.Array:
-    """[..., n] -> [...]: the signed value of largest |x|, the first one on ties (gguf.quants'
+def _first_absmax(xb: jax.Array, axis: int = -1) -> jax.Array:
+    """xb -> the signed value of largest |x| along `axis` (removed), the first one on ties (gguf.quants'
     argmax + take_along_axis rule), as one max-reduction of a uint64 key:
     |x| bits << 32 | (n-1-position) << 1 | sign bit. Larger |x| wins, then the earlier position; the
     sign rides along, -0.0 included, and a NaN (largest |x| bits) wins as under argmax. argmax is a
     variadic (value, index) reduction plus a gather, and a pairwise knockout of strided selects also ran
     at a third of the memory bandwidth on an H100 (BENCHMARKS.md); a plain row max runs near it."""
-    n = xb.shape[-1]
+    axis = axis % xb.ndim
+    n = xb.shape[axis]
     with _x64(True):
         bits = jax.lax.bitcast_convert_type(xb.astype(_F32), jnp.uint32)
-        low = ((np.uint32(n - 1) - jnp.arange(n, dtype=jnp.uint32)) << 1) | (bits >> 31)
+        pos = jax.lax.broadcasted_iota(jnp.uint32, xb.shape, axis)
+        low = ((np.uint32(n - 1) - pos) << 1) | (bits >> 31)
         key = ((bits & np.uint32(0x7FFFFFFF)).astype(jnp.uint64) << np.uint64(32)) | low.astype(jnp.uint64)
-        k = jnp.max(key, axis=-1)
+        k = jnp.max(key, axis=axis)
         mag = (k >> np.uint64(32)).astype(jnp.uint32)
         sign = (k & np.uint64(1)).astype(jnp.uint32) << 31
         return jax.lax.bitcast_convert_type(mag | sign, _F32)
 
 
-@jax.jit
-def _q4_0_core(xb: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """xb [..., nb, 32] f32 -> (codes f32 0..15 [..., nb, 32], d f32 [..., nb])."""
-    mx = _first_absmax(xb)[..., None]  # [..., nb, 1] signed; keeps -0.0 (matters for d bytes)
-    q, d = q4_0_codes(xb, mx)
-    return q, d[..., 0]
+@functools.partial(jax.jit, static_argnames="axis")
+def _q4_0_core(xb: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+    """xb f32 holding 32-blocks along `axis` -> (codes f32 0..15, xb's shape; d f32, `axis` kept as size 1).
+
+    Blocks may lie along any axis, so the fake-quant can work on the weight in its own layout (see
+    q4_0_fake_quant); the math is elementwise apart from the exact block max, so the layout never changes
+    a code or a d."""
+    mx = jnp.expand_dims(_first_absmax(xb, axis), axis)  # signed; keeps -0.0 (matters for d bytes)
+    return q4_0_codes(xb, mx)
 
 
 def q4_0_codes(x: jax.Array, mx: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -163,7 +168,7 @@ def q4_0_quantize(w: jax.Array, *, in_axis: int) -> tuple[jax.Array, jax.Array]:
     """
     (axis,) = _norm_axes(in_axis, jnp.ndim(w))
     q, d = _q4_0_core(_q4_0_blocks(w, axis))
-    return q.astype(jnp.uint8), d.astype(jnp.float16)
+    return q.astype(jnp.uint8), d[..., 0].astype(jnp.float16)
 
 
 def q4_0_dequantize(q: jax.Array, d: jax.Array, *, in_axis: int = -1,
@@ -181,12 +186,26 @@ def q4_0_dequantize(q: jax.Array, d: jax.Array, *, in_axis: int = -1,
 
 
 def q4_0_fake_quant(w: jax.Array, *, in_axis: int) -> jax.Array:
-    """Q4_0 forward value (exactly what a GGUF reader dequantizes), identity gradient."""
+    """Q4_0 forward value (exactly what a GGUF reader dequantizes), identity gradient.
+
+    The blocks are split in place along in_axis ([..., n, ...] -> [..., n/32, 32, ...]), not moved last
+    as q4_0_quantize does for packing: the result then stays in w's own layout, as AQT's untiled dequant
+    does (aqt_backend). A moved-and-moved-back result is a transpose that XLA folds into the consuming dot
+    as a transposed-operand GEMM, another kernel with another summation order: on an AVX2 EPYC the
+    einsum over it differed from AQT's in the last bits of 114 of 144 outputs (AQT.md, "Bit-exact where")."""
     (axis,) = _norm_axes(in_axis, jnp.ndim(w))
 
     def fwd(w):
-        q, d = _q4_0_core(_q4_0_blocks(w, axis))
-        return q4_0_dequantize(q, d.astype(jnp.float16), in_axis=axis, dtype=w.dtype)
+        x = jnp.asarray(w).astype(_F32)  # bf16 -> f32 is exact, as gguf/llama.cpp do before quantizing
+        n = x.shape[axis]
+        if n % Q4_0_BLOCK_SIZE:
+            raise ValueError(
+                f"Q4_0 needs the input axis ({axis}, size {n}) to be a multiple of "
+                f"{Q4_0_BLOCK_SIZE}; shape={tuple(x.shape)}")
+        xb = x.reshape(*x.shape[:axis], n // Q4_0_BLOCK_SIZE, Q4_0_BLOCK_SIZE, *x.shape[axis + 1:])
+        q, d = _q4_0_core(xb, axis=axis + 1)
+        d16 = d.astype(jnp.float16).astype(_F32)  # the stored fp16 d, as the reader sees it
+        return ((q - np.float32(8.0)) * d16).reshape(x.shape).astype(w.dtype)  # exact, as q4_0_dequantize
 
     return straight_through(fwd, w)
 
