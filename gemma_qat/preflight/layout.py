@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import re
 
-ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-            "s64": 8, "u64": 8, "f64": 8, "s4": 0.5, "u4": 0.5}
+from gemma_qat.preflight import hlo
+
 _ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\](?:\{([^}]*)\})?")
 
 
@@ -41,9 +41,8 @@ def argument_bytes(hlo_text: str) -> tuple[int, int]:
     """(logical bytes, bytes as laid out) over the entry computation's parameters, per device."""
     logical = stored = 0
     for dtype, dims_text, layout in _ARRAY.findall(_entry_parameters(hlo_text)):
-        if dtype not in ITEMSIZE:
-            raise ValueError(f"unknown HLO element type {dtype!r} in the entry layout")
+        itemsize = hlo.dtype_bytes(dtype)  # an unknown element type raises
         dims = [int(d) for d in dims_text.split(",") if d]
-        logical += math.ceil(math.prod(dims) * ITEMSIZE[dtype])
-        stored += math.ceil(_tiled_elements(dims, layout or "") * ITEMSIZE[dtype])
+        logical += math.ceil(math.prod(dims) * itemsize)
+        stored += math.ceil(_tiled_elements(dims, layout or "") * itemsize)
     return logical, stored

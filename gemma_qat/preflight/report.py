@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from gemma_qat.preflight.step_model import cost_dict
 from gemma_qat.preflight.topologies import GIB, Topology
 
 
@@ -29,12 +30,10 @@ COST_KEYS = ("flops", "bytes accessed", "transcendentals", "optimal_seconds")
 
 
 def cost_stats(compiled) -> dict:
-    """The compiler's per-device cost analysis (a dict, or a list of one on some jax versions): flops,
-    bytes accessed, and on TPU `optimal_seconds` (the compiler's own runtime estimate)."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return {k: float(cost[k]) for k in COST_KEYS if cost and k in cost}
+    """The compiler's per-device cost analysis: flops, bytes accessed, and on TPU `optimal_seconds` (the
+    compiler's own runtime estimate); {} where it gives none (the GPU compiler's AOT compile)."""
+    cost = cost_dict(compiled.cost_analysis())
+    return {k: float(cost[k]) for k in COST_KEYS if k in cost}
 
 
 @dataclasses.dataclass(frozen=True)
