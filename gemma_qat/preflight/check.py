@@ -4,9 +4,12 @@ weights are read.
 
     config + topology ─► mesh shape (errors name the axis and the fix) ─► abstract mesh
       ─► eval_shape(params, tx.init) × NamedShardings ─► exact per-device bytes of params/opt/teacher
-      ─► the jitted step: compiled for the real TPU topology when libtpu is here, else traced and
+      ─► the jitted step (train/build.py, the loop's own): compiled by the target's compiler when it is
+         here (libtpu for TPU slices, the CUDA plugin on a GPU host: compilers.py), else traced and
          lowered for the target platform on an AbstractMesh (optionally compiled on XLA:CPU fakes)
-      ─► activations: compiled memory_analysis when the target compiler ran, else preflight_memory
+      ─► memory: compiled memory_analysis when the target compiler ran (its arguments checked against
+         the exact rows), else the estimate of memory.py
+      ─► communication and predicted step time of whatever was compiled (performance.py)
 
 What is exact and what is estimated is said per row of the report (`source`).
 """
