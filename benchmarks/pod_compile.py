@@ -94,7 +94,6 @@ def table(rows: list[dict]) -> str:
         comm = r.get("collectives", {}).get("bytes")
         pred = r.get("prediction") or {}
         mfu = (f"{100 * pred['mfu_overlapped']:.0f}…{100 * pred['mfu_serial']:.0f}%" if pred else "–")
-        comm = None if comm is None else comm * 1.0
         out.append(f"| {row['preset']} | {r['topology']['name']} | {mesh} | {r.get('compile_seconds') or 0:.0f} | "
                    f"{exact / GIB:.1f} | {estimate / GIB:.1f} | {_mib_or_gib(c.get('argument_size'))} / "
                    f"{_mib_or_gib(c.get('temp_size'))} / {_mib_or_gib(c.get('peak'))} | {ratio} | "
