@@ -54,9 +54,13 @@ def _sizing(preset: str) -> list[str]:
     return [f"model.name={_variant(preset)}"] if preset.endswith(("-q4_0", "-mobile")) else []
 
 
-def run_case(preset: str, topology: str | None, overrides: list[str], timeout: int) -> dict:
+def run_case(preset: str, topology: str | None, overrides: list[str], timeout: int,
+             hlo_dir: Path | None = None) -> dict:
     cmd = [sys.executable, "-m", "gemma_qat.cli", "preflight", "--config", str(ROOT / "configs" / f"{preset}.toml"),
            *_sizing(preset), *overrides, "--json"] + (["--topology", topology] if topology else [])
+    if hlo_dir is not None:  # the compiled program, to read its collectives and fusions afterwards
+        hlo_dir.mkdir(parents=True, exist_ok=True)
+        cmd += ["--hlo-out", str(hlo_dir / f"{preset}-{topology or 'own'}.hlo.gz")]
     t0 = time.perf_counter()
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -138,6 +142,7 @@ def main():
     ap.add_argument("--case", action="append", nargs="+", metavar="PRESET:TOPOLOGY [key=value ...]",
                     help="one case (repeatable); overrides follow it")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per case")
+    ap.add_argument("--hlo", action="store_true", help="keep each compiled step's HLO under OUT/hlo/")
     ap.add_argument("--depths", help="compile time against depth for the one --case given, e.g. 6,12,24")
     args = ap.parse_args()
     if args.depths:
@@ -158,7 +163,7 @@ def main():
     rows = []
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     for preset, topology, overrides in cases:
-        row = run_case(preset, topology, overrides, args.timeout)
+        row = run_case(preset, topology, overrides, args.timeout, out / "hlo" if args.hlo else None)
         rows.append(row)
         with open(out / "pod.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

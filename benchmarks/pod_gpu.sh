@@ -5,6 +5,7 @@
 # compiler's cost analysis), all written under OUT.
 #
 #   bash benchmarks/pod_gpu.sh OUT [compile|calibrate|all] [CONFIGS]   # CONFIGS: bench-1b,e2b,26b-a4b-4l
+#   POD_ARGS="--hlo --case 31b-q4_0:4x8xH100" bash benchmarks/pod_gpu.sh OUT compile   # chosen cases, HLO kept
 #
 # The topology compiles run with XLA's GPU autotuning off (--xla_gpu_autotune_level=0): it would time
 # kernels on the one attached GPU and changes kernel choices, not buffer sizes or collectives.
@@ -19,7 +20,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if [ "$what" != calibrate ]; then
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" "$py" "$here/pod_compile.py" --gpu --out "$out/pod" \
-    --timeout "$limit" 2>&1 | tee "$out/pod.log"
+    --timeout "$limit" ${POD_ARGS:-} 2>&1 | tee "$out/pod.log"
 fi
 if [ "$what" != compile ]; then
   for c in ${configs//,/ }; do

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 
 
+def active_mesh_devices() -> int:
+    """Devices of the mesh the current trace is sharded over (`jax.set_mesh`, as sharding.activate sets
+    it); 1 outside any mesh."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = get() if get is not None else None
+    if mesh is None or getattr(mesh, "empty", True):
+        return 1
+    return math.prod(mesh.axis_sizes)
+
+
 def single_gpu_cc_major() -> int | None:
-    """The CUDA compute capability's major number (9 = Hopper) when the process sees exactly one GPU;
-    None otherwise: no GPU, several devices (a Pallas call is opaque to XLA's SPMD partitioner, so the
-    kernels stay off under a multi-device mesh), or a GPU without a CUDA capability (ROCm)."""
-    if jax.default_backend() != "gpu" or jax.device_count() != 1:
+    """The CUDA compute capability's major number (9 = Hopper) when the process sees exactly one GPU and
+    the step is not traced for a multi-device mesh; None otherwise: no GPU, several devices, a mesh of
+    several (a Pallas call is opaque to XLA's SPMD partitioner, which gathers its whole input to every
+    device: a one-GPU host compiling for 8xH100 would otherwise cost a kernel that no cluster runs), or a
+    GPU without a CUDA capability (ROCm)."""
+    if jax.default_backend() != "gpu" or jax.device_count() != 1 or active_mesh_devices() > 1:
         return None
     cc = str(getattr(jax.devices()[0], "compute_capability", ""))
     try:

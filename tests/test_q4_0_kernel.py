@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gemma_qat import sharding
 from gemma_qat.model.config import get_config
 from gemma_qat.model.params import init_params
 from gemma_qat.model.transformer import Transformer
@@ -81,6 +82,7 @@ def test_which_shapes_and_backends_take_the_kernel():
 
 
 def test_auto_takes_the_kernel_only_on_one_nvidia_gpu(fake_devices):
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=8, recipe="fsdp")) if jax.device_count() >= 8 else None
     world = fake_devices
     world("gpu")
     assert q4_0_kernel.use_kernel("auto", (2048, 8192), 0)
@@ -93,6 +95,13 @@ def test_auto_takes_the_kernel_only_on_one_nvidia_gpu(fake_devices):
     assert not q4_0_kernel.use_kernel("auto", (2048, 8192), 0)
     world("gpu", count=8)  # a Pallas call is opaque to the SPMD partitioner
     assert not q4_0_kernel.use_kernel("auto", (2048, 8192), 0)
+    # One GPU tracing a step for a mesh of several (preflight compiling for 8xH100 on a one-GPU host):
+    # XLA, as on the cluster itself. The kernel there made the partitioner gather whole fp32 weights.
+    world("gpu")
+    if mesh is not None:
+        with sharding.activate(mesh, "fsdp"):
+            assert not q4_0_kernel.use_kernel("auto", (2048, 8192), 0)
+        assert q4_0_kernel.use_kernel("auto", (2048, 8192), 0)
     world("tpu")
     assert not q4_0_kernel.use_kernel("auto", (2048, 8192), 0)
 
