@@ -6,6 +6,7 @@ training, QAT without a teacher and QAT with an online BF16 teacher, on identica
     python benchmarks/bench_step.py --config 26b-a4b-4l --freeze-embeddings --remat full
     python benchmarks/bench_step.py --modes qat+teacher --profile /tmp/prof   # + per-kernel breakdown
     python benchmarks/bench_step.py --modes qat+teacher --pipeline   # the training pipeline's own step
+    python benchmarks/bench_step.py --modes qat+teacher --pipeline --scan-layers   # scanned layers
 
 Each mode runs in its own process so peak memory is per mode. MFU follows shared/bench/README.md:
 (6·N + attention) per token for the student, plus (2·N + attention/3) for an online teacher,
@@ -126,7 +127,8 @@ def run_mode(args) -> dict:
     cfg = bench_config(args.config)
     mode = args.mode
     quant = RecipePolicy(resolve(get_recipe("q4_0", cfg), cfg), q4_0_impl=args.q4_0_impl) if "qat" in mode else None
-    kw = dict(dtype=jnp.bfloat16, remat=args.remat, attention=args.attention, grouped=args.grouped)
+    kw = dict(dtype=jnp.bfloat16, remat=args.remat, attention=args.attention, grouped=args.grouped,
+              scan_layers=args.scan_layers)
     student = Transformer(cfg, **({"quant": quant} if quant else {}), **kw)
     teacher = Transformer(cfg, **kw)
     params = jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(0))
@@ -187,6 +189,7 @@ def main():
                     help="Q4_0 fake-quant: XLA, the one-pass Pallas kernel, or auto (the kernel on one GPU)")
     ap.add_argument("--loss-impl", default="auto", choices=list(LOSS_IMPLS),
                     help="the loss's vocabulary passes: XLA, the two Pallas kernels, or auto (the kernels on one GPU)")
+    ap.add_argument("--scan-layers", action="store_true", help="lax.scan over the layer pattern (model/scan.py)")
     ap.add_argument("--pipeline", action="store_true",
                     help="time the training pipeline's own step (train/step.py, default optimizer, packed batch)")
     ap.add_argument("--profile", help="also trace 2 steps into DIR/<mode> and summarise kernels into DIR/<mode>.txt")
@@ -205,6 +208,7 @@ def main():
                "--seq", str(args.seq), "--steps", str(args.steps), "--chunk", str(args.chunk),
                "--remat", args.remat, "--peak", str(args.peak), "--attention", args.attention, "--grouped", args.grouped,
                "--q4-0-impl", args.q4_0_impl, "--loss-impl", args.loss_impl] + ["--pipeline"] * args.pipeline
+        cmd += ["--scan-layers"] * args.scan_layers
         cmd += ["--freeze-embeddings"] * args.freeze_embeddings + (["--profile", args.profile] if args.profile else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if args.profile:
@@ -218,7 +222,7 @@ def main():
         print(f"{r['config']:12s} {mode:12s} step {r['step_s']*1e3:8.1f} ms  {r['tokens_per_s']:9.0f} tok/s  "
               f"MFU {100*r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  compile {r['compile_s']:.0f}s  "
               f"attention {args.attention}  remat {args.remat}  q4_0 {args.q4_0_impl}  loss {args.loss_impl}"
-              + ("  pipeline step" if args.pipeline else ""), flush=True)
+              + ("  pipeline step" if args.pipeline else "") + ("  scan" if args.scan_layers else ""), flush=True)
     print("JSON " + json.dumps(rows))
 
 

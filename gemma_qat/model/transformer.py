@@ -16,6 +16,7 @@ from gemma_qat.model.config import ModelConfig
 from gemma_qat.model.embed import Embedder
 from gemma_qat.model.kv_cache import KVCache, init_cache  # noqa: F401 (re-exported)
 from gemma_qat.model.layers import WEIGHT_NAME, Array, DType, Einsum, FeedForward, NoQuant, QuantPolicy, RMSNorm, gelu_tanh
+from gemma_qat.model import scan
 from gemma_qat.model.moe import MoE
 
 REMAT_POLICIES = {
@@ -97,6 +98,7 @@ class Transformer(nn.Module):
     remat: str = "none"
     attention: str = "auto"  # attention kernel, see attention.attend: "xla" | "cudnn" | "auto" (GPU: cuDNN)
     grouped: str = "auto"  # MoE grouped matmul, see grouped_matmul: "ragged" | "blocked" | "kernel" | "auto"
+    scan_layers: bool = False  # lax.scan over the repeating layer pattern (model/scan.py): compile time
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
@@ -132,14 +134,19 @@ class Transformer(nn.Module):
 
         policy = REMAT_POLICIES[self.remat]
         block_cls = Block if self.remat == "none" else nn.remat(Block, policy=policy)
+        block_kw = dict(attention=self.attention, grouped=self.grouped, **kw)
         sources = set(cfg.kv_source)
         kv_store = {}
-        for i in range(cfg.num_layers):
+        for g in self._groups(cache):
+            if g.repeats > 1:
+                x = self._scan_group(g, x, positions, masks, ple, kv_store, packed, block_kw)
+                continue
+            i = g.start
             shared = kv_store[cfg.kv_source[i]] if cfg.is_kv_shared(i) else None
             # With a cache the block also gets this layer's buffers (none for KV-shared layers:
             # `shared` are then the source's buffers) and the slot of this call's first token.
             cache_args = (None, None) if cache is None else (cache.layers.get(f"layer_{i}"), start)
-            x, kv = block_cls(cfg, i, attention=self.attention, grouped=self.grouped, name=f"layer_{i}", **kw)(
+            x, kv = block_cls(cfg, i, name=f"layer_{i}", **block_kw)(
                 x, positions, masks[cfg.layer_types[i]], None if ple is None else ple[:, :, i], shared, *cache_args,
                 packed)
             if i in sources:
@@ -155,6 +162,67 @@ class Transformer(nn.Module):
         if return_hidden:
             return h, table
         return logits_from_hidden(h, table, cfg.final_softcap)
+
+
+    def _groups(self, cache) -> list[scan.Group]:
+        """Scanned groups where `scan_layers` asks for them and the call allows (a training or scoring
+        forward over bound parameters only: not init, which creates the per-layer tree, not a decode
+        step, whose cache is per layer, not a call that reads or writes other collections)."""
+        cfg = self.config
+        if self.scan_layers and cache is None and not self.is_initializing() and set(self.variables) == {"params"}:
+            return scan.layer_groups(cfg, getattr(self.quant, "layer_key", None))
+        return [scan.Group(i, 1, 1) for i in range(cfg.num_layers)]
+
+    def _scan_group(self, g: scan.Group, x, positions, masks, ple, kv_store, packed, block_kw):
+        """`lax.scan` over the group's windows: the per-layer parameters stacked per window position
+        ([repeats, ...]), PLE inputs as the scanned inputs, remat per layer as in the unrolled model."""
+        cfg, params = self.config, self.variables["params"]
+        assert not any(i in scan.kv_sources(cfg) for i in range(g.start, g.stop)), g  # layer_groups keeps them out
+        stacked = [jax.tree.map(lambda *ws: jnp.stack(ws), *[params[f"layer_{i}"] for i in
+                                                             range(g.start + k, g.stop, g.period)])
+                   for k in range(g.period)]
+        ple_xs = None
+        if ple is not None:  # [B, T, L, P] -> [repeats, B, T, period, P]
+            b, t = ple.shape[:2]
+            ple_xs = jnp.moveaxis(ple[:, :, g.start:g.stop].reshape(b, t, g.repeats, g.period, -1), 2, 0)
+        # The policy's per-layer constants (frozen activation scales) ride along as [repeats] inputs.
+        constants = getattr(self.quant, "layer_constants", lambda i: {})
+        consts = [{key: jnp.asarray([constants(i)[key] for i in range(g.start + k, g.stop, g.period)], jnp.float32)
+                   for key in constants(g.start + k)} for k in range(g.period)]
+
+        def layer_fn(i):
+            shared = kv_store[cfg.kv_source[i]] if cfg.is_kv_shared(i) else None
+
+            def f(p, x, ple_i, c):
+                quant = self.quant.with_layer_constants(i, c) if c else self.quant
+                one = _Layer(cfg, i, {**block_kw, "quant": quant}, parent=None)
+                return one.apply({"params": {f"layer_{i}": p}}, x, positions, masks[cfg.layer_types[i]], ple_i,
+                                 shared, None, None, packed)[0]
+            return f if self.remat == "none" else jax.checkpoint(f, policy=REMAT_POLICIES[self.remat],
+                                                                 prevent_cse=False)
+
+        fns = [layer_fn(i) for i in g.layers(0)]  # the first window's layers stand for every window
+
+        def body(x, xs):
+            ps, pl, cs = xs
+            for k, f in enumerate(fns):
+                x = f(ps[k], x, None if pl is None else pl[:, :, k], cs[k])
+            return x, None
+
+        return jax.lax.scan(body, x, (stacked, ple_xs, consts))[0]
+
+
+class _Layer(nn.Module):
+    """Layer `layer` alone under its own name (`layer_3/...`), applied functionally in a scan body, so the
+    quantization policy and the logical-axis constraints see the same paths as in the unrolled model."""
+
+    config: ModelConfig
+    layer: int
+    block_kw: dict
+
+    @nn.compact
+    def __call__(self, *args):
+        return Block(self.config, self.layer, name=f"layer_{self.layer}", **self.block_kw)(*args)
 
 
 def logits_from_hidden(h: Array, table: Array, softcap: float | None) -> Array:

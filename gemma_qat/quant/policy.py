@@ -8,6 +8,8 @@ quantizer convention for uncalibrated scales) and are set by `calibrate` (absmax
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -59,6 +61,26 @@ class RecipePolicy:
                          for k, v in traverse_util.flatten_dict(static_scales).items()}
                         if static_scales is not None else None)
 
+    def layer_key(self, i: int):
+        """What this policy does to layer i, relative to the layer (formats; which activations carry frozen
+        scales, not their values, which `layer_constants` hands over): layers with equal keys share one
+        scanned body (model/scan.py)."""
+        prefix = f"layer_{i}/"
+        rel = lambda keys: tuple(sorted(k[len(prefix):] for k in keys if k.startswith(prefix)))
+        formats = tuple((k, self.formats[prefix + k]) for k in rel(self.formats))
+        return formats, None if self._static is None else rel(self._static), self.calibrating
+
+    def layer_constants(self, i: int) -> dict[str, float]:
+        """Layer i's frozen activation scales by key relative to the layer (scanned inputs of a scan body)."""
+        prefix = f"layer_{i}/"
+        return {k[len(prefix):]: v for k, v in (self._static or {}).items() if k.startswith(prefix)}
+
+    def with_layer_constants(self, i: int, values: dict) -> "RecipePolicy":
+        """This policy with layer i's frozen scales replaced by `values` (traced scalars in a scan body)."""
+        new = copy.copy(self)
+        new._static = {**self._static, **{f"layer_{i}/{k}": v for k, v in values.items()}}
+        return new
+
     def _format(self, module, name) -> str:
         path = param_path(module, name)
         try:
@@ -89,7 +111,7 @@ class RecipePolicy:
         key = f"{name}_{site}"
         if self._static is not None:
             s = self._static.get("/".join(module.scope.path) + ":" + key, 0.0)
-            return formats.act_fake_quant_int8(x, jnp.float32(s)).astype(x.dtype)
+            return formats.act_fake_quant_int8(x, jnp.asarray(s, jnp.float32)).astype(x.dtype)
         if not (module.has_variable(SCALES, key) or module.is_mutable_collection(SCALES)):
             return x  # no scales given: uncalibrated, pass-through
         scale = module.variable(SCALES, key, lambda: jnp.zeros((), jnp.float32))

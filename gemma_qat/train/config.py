@@ -134,6 +134,7 @@ class RunConfig:
     logging: LoggingSection = LoggingSection()
     remat: str = "none"  # none | full | dots | weights (model/transformer.py REMAT_POLICIES)
     attention: str = "auto"  # xla | cudnn | auto (model/attention.py attend; auto = cuDNN where it applies)
+    scan_layers: bool = False  # lax.scan over the repeating layer pattern (model/scan.py): bounds compile time
 
     def __post_init__(self):
         problems = _problems(self)
