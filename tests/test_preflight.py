@@ -93,7 +93,8 @@ def test_tpu_topology_without_libtpu_says_how_to_get_it():
                     "not have, e.g. no wheel for this platform)")
 @pytest.mark.parametrize("topology,overrides", [
     ("v5p-8", ["data.seq_len=128"]),  # 4 chips, fsdp=4; two loss chunks of 64: a while loop
-    ("v6e-8", ["mesh.fsdp=2", "mesh.data=4", "quant.recipe=q4_0"]),  # 8 chips; d_model 64 / fsdp 2: whole blocks
+    # 8 chips; d_model 64 / fsdp 2: whole blocks; tiny-31b's six layers as a scan over two windows
+    ("v6e-8", ["mesh.fsdp=2", "mesh.data=4", "quant.recipe=q4_0", "model.name=tiny-31b", "scan_layers=true"]),
 ])  # both with bf16 compute, as on accelerators (tiny.toml computes in fp32 for CPU runs)
 def test_tiny_compiles_for_tpu_slices_with_libtpu(topology, overrides):
     """The real TPU compiler on this CPU host: the step compiles for the slice, and the logical bytes of the
@@ -118,7 +119,8 @@ def test_tiny_compiles_for_tpu_slices_with_libtpu(topology, overrides):
     c = r.collectives
     assert set(r.weight_gathers) == {"bf16"} and c["by_source"]["weights"]["bytes"] > 0
     assert c["by_kind"]["reduce-scatter"]["ops"] > 0 and c["by_source"]["gradients"]["bytes"] > 0
-    assert c["unknown_runs"] == 0 and (c["in_loops"] > 0) == (cfg.data.seq_len > cfg.distill.chunk_size)
+    loops = cfg.data.seq_len > cfg.distill.chunk_size or cfg.scan_layers  # the loss's chunks, the layer scan
+    assert c["unknown_runs"] == 0 and (c["in_loops"] > 0) == loops
     assert r.prediction["step_s_serial"] >= r.prediction["step_s_overlapped"] > 0
 
 

@@ -131,7 +131,8 @@ class Report:
     def format(self) -> str:
         t, c = self.topology, self.config
         mesh = " ".join(f"{k}={v}" for k, v in self.mesh.items())
-        out = [f"preflight: {c.model.name} (quant {c.quant.recipe}, remat {c.remat}, seq {c.data.seq_len}, "
+        out = [f"preflight: {c.model.name} (quant {c.quant.recipe}, remat {c.remat}"
+               f"{', layers scanned' if c.scan_layers else ''}, seq {c.data.seq_len}, "
                f"global batch {c.data.global_batch_size}) on {t.describe()}",
                f"mesh: {mesh}, recipe {self.recipe}; {self.rows_per_device} rows per device",
                f"step: {self.step_check}", "", "per device:"]
