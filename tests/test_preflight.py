@@ -6,11 +6,13 @@ step takes ~15-45 s on two shared cores; `gemma-qat preflight` does it (see laun
 """
 
 import json
+import math
 from pathlib import Path
 
 import jax
 import pytest
 
+from gemma_qat import sharding
 from gemma_qat.preflight import compilers, topologies
 from gemma_qat.model.config import get_config
 from gemma_qat.preflight.check import PreflightError, run_preflight
@@ -59,17 +61,24 @@ def test_tiny_on_8xh100_compiles_without_allocating_and_sizes_are_exact():
 
 
 def test_remat_weights_adds_the_layers_matmul_weights_to_the_estimate():
-    """remat="weights" keeps every layer's matmul weights (compute dtype, counted whole) on top of what
-    remat="full" keeps; the count is checked against the initialised parameter tree."""
+    """remat="weights" keeps every layer's matmul weights in the compute dtype, as sharded on the device
+    (the named value is the fake-quantized weight held to its parameter's sharding), on top of what
+    remat="full" keeps; the count is checked against the initialised tree and its shardings."""
     from flax import traverse_util
 
-    from gemma_qat.model.params import init_params
+    from gemma_qat.model.params import abstract_params, init_params, logical_axes
 
     full = run_preflight(load_run_config(TINY, ["remat=full"]), "8xH100", lower=False)
     weights = run_preflight(load_run_config(TINY, ["remat=weights"]), "8xH100", lower=False)
     cfg = load_run_config(TINY)
-    params = traverse_util.flatten_dict(init_params(get_config(cfg.model.name), jax.random.PRNGKey(0)))
-    layer_w = sum(v.size for k, v in params.items() if k[0].startswith("layer_") and k[-1] == "w")
+    model = get_config(cfg.model.name)
+    mesh = sharding.make_mesh(sharding.MeshConfig(**weights.mesh, recipe=weights.recipe))
+    shardings = traverse_util.flatten_dict(
+        sharding.tree_shardings(abstract_params(model), logical_axes(model), mesh, weights.recipe))
+    params = traverse_util.flatten_dict(init_params(model, jax.random.PRNGKey(0)))
+    layer_w = sum(math.prod(shardings[k].shard_shape(v.shape)) for k, v in params.items()
+                  if k[0].startswith("layer_") and k[-1] == "w")
+    assert layer_w < sum(v.size for k, v in params.items() if k[0].startswith("layer_") and k[-1] == "w")
     c = 2 if cfg.optimizer.compute_dtype == "bfloat16" else 4
     assert weights.estimate_terms["saved_activations"] - full.estimate_terms["saved_activations"] == layer_w * c
 

@@ -284,6 +284,16 @@ def _gathered_layer_bytes(abstract_state, mesh) -> int:
     return max(v for k, v in per_layer.items() if k.startswith("layer_"))
 
 
+def _kept_weight_elements(abstract_state, mesh) -> int:
+    """Per-device elements of every layer's matmul weight as sharded: what remat="weights" keeps (the
+    fake-quantized weight is named where `Einsum` holds it to its parameter's sharding, before a gather)."""
+    n = 0
+    for k, a in traverse_util.flatten_dict(abstract_state.params).items():
+        if k[0].startswith("layer_") and k[-1] == "w":
+            n += math.prod(a.shape) // math.prod(mesh.shape[ax] for e in a.sharding.spec for ax in _axes(e))
+    return n
+
+
 def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = True, cpu_compile: bool = False,
                   teacher_model: str | None = None, target_compile: bool = True) -> Report:
     """The report for `cfg` on `topology`; raises PreflightError when the config cannot run there.
@@ -345,7 +355,8 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
     geometry = preflight_memory.StepGeometry(
         rows=rows, seq_len=cfg.data.seq_len, compute_bytes=jnp.dtype(_DTYPES[o.compute_dtype]).itemsize,
         tensor=report.mesh["tensor"] if recipe != "fsdp" else 1, remat=cfg.remat, chunk=cfg.distill.chunk_size,
-        gathered_layer_bytes=_gathered_layer_bytes(plan.state, mesh))
+        gathered_layer_bytes=_gathered_layer_bytes(plan.state, mesh),
+        kept_weight_elements=_kept_weight_elements(plan.state, mesh))
     terms, kind = preflight_memory.estimate(s_cfg, t_cfg, geometry)  # t_cfg None: no teacher forward
     report.estimate_terms, report.rows_per_device = terms, rows
     report.add("activations + temporaries", terms["total"],
