@@ -15,7 +15,7 @@ from gemma_qat.model import scan
 from gemma_qat.model.config import get_config, interleave
 from gemma_qat.model.params import abstract_params, init_params, logical_axes
 from gemma_qat.model.transformer import Transformer
-from gemma_qat.quant.policy import RecipePolicy, placeholder_scales
+from gemma_qat.quant.policy import SCALES, RecipePolicy, placeholder_scales
 from gemma_qat.quant.recipe import get_recipe, resolve
 
 # 12 layers of period 2, the last 4 KV-shared: three scanned windows, the source window unrolled, two
@@ -121,3 +121,17 @@ def test_scanned_sharded_logits_equal_unsharded():
     with sharding.activate(mesh, mesh_config.recipe):
         out = jax.jit(lambda p, t: model.apply({"params": p}, t))(params_s, tokens_s)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=5e-5)
+
+
+def test_calibration_of_activation_scales_runs_unrolled_and_records_every_layer():
+    """A call that writes a collection (calibrating static scales) never takes the scan: its scales equal the
+    unrolled model's, layer by layer."""
+    cfg = DEEP_E2B
+    policy = RecipePolicy(resolve(get_recipe("mobile", cfg), cfg), calibrating=True)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, cfg.vocab_size)
+    scales = [Transformer(cfg, quant=policy, scan_layers=s).apply({"params": params}, tokens, mutable=[SCALES])[1]
+              for s in (False, True)]
+    assert len(jax.tree.leaves(scales[0])) > cfg.num_layers
+    for a, b in zip(jax.tree.leaves(scales[0]), jax.tree.leaves(scales[1])):
+        assert float(a) == float(b) > 0

@@ -167,9 +167,11 @@ class Transformer(nn.Module):
     def _groups(self, cache) -> list[scan.Group]:
         """Scanned groups where `scan_layers` asks for them and the call allows (a training or scoring
         forward over bound parameters only: not init, which creates the per-layer tree, not a decode
-        step, whose cache is per layer, not a call that reads or writes other collections)."""
+        step, whose cache is per layer, not a call that reads or writes other collections, such as the
+        calibration of activation scales)."""
         cfg = self.config
-        if self.scan_layers and cache is None and not self.is_initializing() and set(self.variables) == {"params"}:
+        plain = not self.is_initializing() and not self.scope.mutable and set(self.variables) == {"params"}
+        if self.scan_layers and cache is None and plain:
             return scan.layer_groups(cfg, getattr(self.quant, "layer_key", None))
         return [scan.Group(i, 1, 1) for i in range(cfg.num_layers)]
 
