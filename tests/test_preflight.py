@@ -83,6 +83,30 @@ def test_remat_weights_adds_the_layers_matmul_weights_to_the_estimate():
     assert weights.estimate_terms["saved_activations"] - full.estimate_terms["saved_activations"] == layer_w * c
 
 
+def test_scan_layers_adds_the_stacked_copies_to_the_estimate():
+    """scan_layers stacks the scanned layers' params each step (and their gradient, and the teacher's): the
+    estimate carries those per-device bytes, checked against the tree and its shardings."""
+    from flax import traverse_util
+
+    from gemma_qat.model.params import abstract_params, logical_axes
+
+    over = ["model.name=tiny-31b", "mesh.fsdp=4", "mesh.data=2"]
+    plain = run_preflight(load_run_config(TINY, over), "8xH100", lower=False)
+    scanned = run_preflight(load_run_config(TINY, over + ["scan_layers=true"]), "8xH100", lower=False)
+    model = get_config("tiny-31b")
+    mesh = sharding.make_mesh(sharding.MeshConfig(**scanned.mesh, recipe=scanned.recipe))
+    shardings = traverse_util.flatten_dict(
+        sharding.tree_shardings(abstract_params(model), logical_axes(model), mesh, scanned.recipe))
+    shapes = traverse_util.flatten_dict(abstract_params(model))
+    layer_elems = sum(math.prod(shardings[k].shard_shape(v.shape)) for k, v in shapes.items()
+                      if k[0].startswith("layer_"))  # tiny-31b: every layer is in the scan
+    cfg = load_run_config(TINY, over)
+    student_b = {"float32": 4, "bfloat16": 2}[cfg.optimizer.param_dtype]
+    teacher_b = {"float32": 4, "bfloat16": 2}[cfg.teacher.param_dtype]
+    assert plain.estimate_terms["scan_stacks"] == 0
+    assert scanned.estimate_terms["scan_stacks"] == layer_elems * (2 * student_b + teacher_b) > 0
+
+
 def test_tpu_topology_falls_back_to_abstract_lowering_without_its_compiler():
     r = run_preflight(load_run_config(TINY), "v5p-8", target_compile=False)  # as on a host without libtpu
     assert r.mesh == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}

@@ -34,6 +34,7 @@ from gemma_qat.model.config import get_config
 from gemma_qat.model.params import abstract_params, logical_axes
 from gemma_qat.preflight.report import Report, TensorRow, size
 from gemma_qat.preflight.topologies import Topology, parse
+from gemma_qat.model import scan
 from gemma_qat.quant.policy import RecipePolicy, check_q4_0_blocks, placeholder_scales
 from gemma_qat.train import build, optimizer as optim, state as state_lib, step as step_lib
 from gemma_qat.train.config import RunConfig
@@ -294,6 +295,15 @@ def _kept_weight_elements(abstract_state, mesh) -> int:
     return n
 
 
+def _scanned_layer_bytes(params, model_config, policy) -> int:
+    """Per-device bytes of the parameters of the layers `scan_layers` stacks (model/scan.py): the step
+    copies them into [repeats, ...] stacks, and the backward's gradient of the stacks is another copy."""
+    layers = {f"layer_{i}" for g in scan.layer_groups(model_config, getattr(policy, "layer_key", None))
+              if g.repeats > 1 for i in range(g.start, g.stop)}
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+               for k, a in traverse_util.flatten_dict(params).items() if k[0] in layers)
+
+
 def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = True, cpu_compile: bool = False,
                   teacher_model: str | None = None, target_compile: bool = True) -> Report:
     """The report for `cfg` on `topology`; raises PreflightError when the config cannot run there.
@@ -356,7 +366,9 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
         rows=rows, seq_len=cfg.data.seq_len, compute_bytes=jnp.dtype(_DTYPES[o.compute_dtype]).itemsize,
         tensor=report.mesh["tensor"] if recipe != "fsdp" else 1, remat=cfg.remat, chunk=cfg.distill.chunk_size,
         gathered_layer_bytes=_gathered_layer_bytes(plan.state, mesh),
-        kept_weight_elements=_kept_weight_elements(plan.state, mesh))
+        kept_weight_elements=_kept_weight_elements(plan.state, mesh),
+        scan_stack_bytes=(2 * _scanned_layer_bytes(plan.state.params, s_cfg, policy)
+                          + (_scanned_layer_bytes(plan.teacher, t_cfg, None) if t_cfg else 0)) if cfg.scan_layers else 0)
     terms, kind = preflight_memory.estimate(s_cfg, t_cfg, geometry)  # t_cfg None: no teacher forward
     report.estimate_terms, report.rows_per_device = terms, rows
     report.add("activations + temporaries", terms["total"],
