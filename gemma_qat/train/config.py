@@ -10,6 +10,8 @@
     [mesh]        sharding.MeshConfig fields (data, fsdp, tensor, expert, recipe)
     [checkpoint]  where and how often, how many to keep
     [logging]     cadence, TensorBoard, peak FLOP/s for MFU
+    top level     run_dir, remat (none | full | dots | weights), attention (xla | cudnn | auto),
+                  scan_layers (lax.scan over the repeating layer pattern: model/scan.py)
 
 Every step count (total_steps, warmup_steps, every_steps, ...) counts train steps, i.e. batches of
 `data.global_batch_size`; with `optimizer.grad_accum_steps = k` the weights move every k steps.
