@@ -79,9 +79,10 @@ class Einsum(nn.Module):
         w = self.param("w", nn.with_logical_partitioning(_normal(self.init_std), self.axes), self.shape,
                        self.param_dtype)
         kernel = self.quant.weight(self, "w", w, in_axes=self.in_axes).astype(self.dtype)
-        # Sharded like the parameter: the fake-quant and the cast then run on each shard (Q4_0 blocks are
-        # whole per shard, preflight checks it) and FSDP gathers the compute dtype. Left free, the GPU
-        # compiler gathered the fp32 master and quantized after (launch/README.md, communication).
+        # Sharded like the parameter: the fake-quant and the cast run on each shard (Q4_0 blocks are whole
+        # per shard, preflight checks it) and FSDP gathers the compute dtype, whatever the quantizer's
+        # reshapes would let the partitioner prefer (launch/README.md, communication). This is also
+        # the value remat="weights" keeps: a shard, not the gathered layer.
         kernel = nn.with_logical_constraint(kernel, self.axes)
         # Named so remat="weights" keeps it: the backward then reuses the forward's fake-quant.
         kernel = checkpoint_name(kernel, WEIGHT_NAME)
