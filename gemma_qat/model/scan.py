@@ -1,5 +1,6 @@
 """Scan over the repeating layer pattern: the compiler sees one period of layers per group instead of
-every layer, so compile time stops growing with depth, while the parameter tree stays the official
+every layer, so the layer bodies stop growing with depth (what still grows is per parameter leaf: the
+optimizer update, the stacking; launch/README.md measures it), while the parameter tree stays the official
 per-layer one (`layer_3/attn/q_einsum/w`), which official checkpoints, the optimizer state, checkpoints
 and exports all keep.
 
@@ -11,7 +12,7 @@ width, whether later layers read its K/V (a source's K/V must leave the loop, so
 and the quantization policy's own key for the layer (`layer_key`, formats and frozen scales). Layers in
 no such run stay unrolled. Inside a group the windows' parameters are stacked along a new leading axis
 for `lax.scan` at each call (a copy of those weights per step: the cost of keeping the official tree,
-measured in BENCHMARKS.md), and the per-layer PLE inputs ride along as the scanned inputs.
+measured in launch/README.md), and the per-layer PLE inputs ride along as the scanned inputs.
 """
 
 from __future__ import annotations

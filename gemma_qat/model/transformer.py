@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from gemma_qat.model import scan
 from gemma_qat.model.attention import Attention, attention_mask, cache_attention_mask
 from gemma_qat.model.config import ModelConfig
 from gemma_qat.model.embed import Embedder
 from gemma_qat.model.kv_cache import KVCache, init_cache  # noqa: F401 (re-exported)
 from gemma_qat.model.layers import WEIGHT_NAME, Array, DType, Einsum, FeedForward, NoQuant, QuantPolicy, RMSNorm, gelu_tanh
-from gemma_qat.model import scan
 from gemma_qat.model.moe import MoE
 
 REMAT_POLICIES = {
@@ -162,7 +162,6 @@ class Transformer(nn.Module):
         if return_hidden:
             return h, table
         return logits_from_hidden(h, table, cfg.final_softcap)
-
 
     def _groups(self, cache) -> list[scan.Group]:
         """Scanned groups where `scan_layers` asks for them and the call allows (a training or scoring

@@ -30,11 +30,11 @@ from jax.sharding import AbstractMesh, Mesh
 
 from gemma_qat import checkpoint, sharding
 from gemma_qat.preflight import compilers, layout, memory as preflight_memory, performance
+from gemma_qat.model import scan
 from gemma_qat.model.config import get_config
 from gemma_qat.model.params import abstract_params, logical_axes
 from gemma_qat.preflight.report import Report, TensorRow, size
 from gemma_qat.preflight.topologies import Topology, parse
-from gemma_qat.model import scan
 from gemma_qat.quant.policy import RecipePolicy, check_q4_0_blocks, placeholder_scales
 from gemma_qat.train import build, optimizer as optim, state as state_lib, step as step_lib
 from gemma_qat.train.config import RunConfig
@@ -285,14 +285,11 @@ def _gathered_layer_bytes(abstract_state, mesh) -> int:
     return max(v for k, v in per_layer.items() if k.startswith("layer_"))
 
 
-def _kept_weight_elements(abstract_state, mesh) -> int:
+def _kept_weight_elements(abstract_state) -> int:
     """Per-device elements of every layer's matmul weight as sharded: what remat="weights" keeps (the
     fake-quantized weight is named where `Einsum` holds it to its parameter's sharding, before a gather)."""
-    n = 0
-    for k, a in traverse_util.flatten_dict(abstract_state.params).items():
-        if k[0].startswith("layer_") and k[-1] == "w":
-            n += math.prod(a.shape) // math.prod(mesh.shape[ax] for e in a.sharding.spec for ax in _axes(e))
-    return n
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) for k, a in
+               traverse_util.flatten_dict(abstract_state.params).items() if k[0].startswith("layer_") and k[-1] == "w")
 
 
 def _scanned_layer_bytes(params, model_config, policy) -> int:
@@ -300,8 +297,7 @@ def _scanned_layer_bytes(params, model_config, policy) -> int:
     copies them into [repeats, ...] stacks, and the backward's gradient of the stacks is another copy."""
     layers = {f"layer_{i}" for g in scan.layer_groups(model_config, getattr(policy, "layer_key", None))
               if g.repeats > 1 for i in range(g.start, g.stop)}
-    return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
-               for k, a in traverse_util.flatten_dict(params).items() if k[0] in layers)
+    return _nbytes([a for k, a in traverse_util.flatten_dict(params).items() if k[0] in layers])
 
 
 def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = True, cpu_compile: bool = False,
@@ -366,7 +362,7 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
         rows=rows, seq_len=cfg.data.seq_len, compute_bytes=jnp.dtype(_DTYPES[o.compute_dtype]).itemsize,
         tensor=report.mesh["tensor"] if recipe != "fsdp" else 1, remat=cfg.remat, chunk=cfg.distill.chunk_size,
         gathered_layer_bytes=_gathered_layer_bytes(plan.state, mesh),
-        kept_weight_elements=_kept_weight_elements(plan.state, mesh),
+        kept_weight_elements=_kept_weight_elements(plan.state),
         scan_stack_bytes=(2 * _scanned_layer_bytes(plan.state.params, s_cfg, policy)
                           + (_scanned_layer_bytes(plan.teacher, t_cfg, None) if t_cfg else 0)) if cfg.scan_layers else 0)
     terms, kind = preflight_memory.estimate(s_cfg, t_cfg, geometry)  # t_cfg None: no teacher forward
