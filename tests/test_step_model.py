@@ -42,3 +42,12 @@ def test_cost_analysis_forms_and_overrides():
     # A loop-aware flop count replaces the cost analysis's (which counts a while body once).
     p = sm.predict({"flops": 1.0}, {}, "v5p", flops=459e12 * 0.6)
     assert p.compute_s == pytest.approx(1.0)
+
+
+def test_calibration_tells_moe_from_dense_and_predicts_the_measured_steps():
+    # The measured single-H200 steps (launch/README.md): executed FLOPs per step over peak × fraction.
+    # bench-1b 58.108 TFLOP in 146.1 ms and 26B-A4B-4l 48.996 TFLOP in 155.6 ms (both measured 2026-12-01).
+    assert sm.calibration("H200") == sm.CALIBRATION["default"] != sm.calibration("H200", moe=True)
+    dense = 58.108e12 / (989e12 * sm.calibration("H200"))
+    moe = 48.996e12 / (989e12 * sm.calibration("v5p", moe=True))
+    assert dense == pytest.approx(0.1461, rel=0.05) and moe == pytest.approx(0.1556, rel=0.05)

@@ -8,8 +8,8 @@ that remat recomputes (`full` / `weights`: one more student forward, 2·N + atte
 compiler's cost analysis is reported beside it, not used: the GPU compiler's AOT compile returns none,
 and on any GPU its count leaves out library GEMMs and kernels (custom calls). HBM bytes: the compiler's
 'bytes accessed' where it gives them. `calibration` is the fraction of peak the step achieves
-(step_model.CALIBRATION: measured on one H200, see launch/README.md); the same fraction is assumed on
-other chips, which is the model's largest assumption.
+(step_model.CALIBRATION: measured on one H200 for dense and for MoE steps, see launch/README.md); the
+same fraction is assumed on other chips, which is the model's largest assumption.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def analyse(report, student: ModelConfig, teacher: ModelConfig | None) -> None:
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     per_token = executed_flops_per_token(student, teacher, cfg.data.seq_len, cfg.remat)
     chip = topo.chip.name
-    pred = step_model.predict(report.cost, summary["links"], chip, calibration=step_model.calibration(chip),
+    fraction = step_model.calibration(chip, moe=student.is_moe)
+    pred = step_model.predict(report.cost, summary["links"], chip, calibration=fraction,
                               flops=per_token * tokens / topo.chips,
                               hbm_bytes=report.cost.get("bytes accessed", 0.0),
                               tokens_per_step=tokens, model_flops_per_token=flops_per_token(student, teacher,
@@ -48,7 +49,7 @@ def analyse(report, student: ModelConfig, teacher: ModelConfig | None) -> None:
         "step_s_overlapped": pred.overlapped_s, "step_s_serial": pred.serial_s, "compute_s": pred.compute_s,
         "hbm_s": pred.hbm_s, "comm_s": pred.comm_s, "bottleneck": pred.bottleneck,
         "tokens_per_s_serial": pred.tokens_per_s[0], "tokens_per_s_overlapped": pred.tokens_per_s[1],
-        "mfu_serial": pred.mfu[0], "mfu_overlapped": pred.mfu[1], "calibration": step_model.calibration(chip),
+        "mfu_serial": pred.mfu[0], "mfu_overlapped": pred.mfu[1], "calibration": fraction,
         "flops_per_device": per_token * tokens / topo.chips,
         "compiler_flops_per_device": report.cost.get("flops"),
         "compiler_optimal_s": report.cost.get("optimal_seconds"),
