@@ -190,6 +190,8 @@ def main():
     ap.add_argument("--loss-impl", default="auto", choices=list(LOSS_IMPLS),
                     help="the loss's vocabulary passes: XLA, the two Pallas kernels, or auto (the kernels on one GPU)")
     ap.add_argument("--scan-layers", action="store_true", help="lax.scan over the layer pattern (model/scan.py)")
+    ap.add_argument("--untie", action="store_true",
+                    help="A/B: the model without layers.tie_gradients (gradient dots free to be deferred)")
     ap.add_argument("--pipeline", action="store_true",
                     help="time the training pipeline's own step (train/step.py, default optimizer, packed batch)")
     ap.add_argument("--profile", help="also trace 2 steps into DIR/<mode> and summarise kernels into DIR/<mode>.txt")
@@ -200,6 +202,9 @@ def main():
     if args.pipeline and not args.mode and (args.modes != "qat+teacher" or args.freeze_embeddings):
         ap.error("--pipeline times the distillation step: use --modes qat+teacher, without --freeze-embeddings")
     if args.mode:
+        if args.untie:  # the one switch of the A/B: both call sites see the identity
+            from gemma_qat.model import attention, layers
+            layers.tie_gradients = attention.tie_gradients = lambda *arrays: arrays
         print("RESULT " + json.dumps(run_mode(args)), flush=True)
         return
     rows = []
@@ -208,7 +213,7 @@ def main():
                "--seq", str(args.seq), "--steps", str(args.steps), "--chunk", str(args.chunk),
                "--remat", args.remat, "--peak", str(args.peak), "--attention", args.attention, "--grouped", args.grouped,
                "--q4-0-impl", args.q4_0_impl, "--loss-impl", args.loss_impl] + ["--pipeline"] * args.pipeline
-        cmd += ["--scan-layers"] * args.scan_layers
+        cmd += ["--scan-layers"] * args.scan_layers + ["--untie"] * args.untie
         cmd += ["--freeze-embeddings"] * args.freeze_embeddings + (["--profile", args.profile] if args.profile else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if args.profile:
@@ -222,7 +227,7 @@ def main():
         print(f"{r['config']:12s} {mode:12s} step {r['step_s']*1e3:8.1f} ms  {r['tokens_per_s']:9.0f} tok/s  "
               f"MFU {100*r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  compile {r['compile_s']:.0f}s  "
               f"attention {args.attention}  remat {args.remat}  q4_0 {args.q4_0_impl}  loss {args.loss_impl}"
-              + ("  pipeline step" if args.pipeline else "") + ("  scan" if args.scan_layers else ""), flush=True)
+              + ("  pipeline step" if args.pipeline else "") + ("  scan" if args.scan_layers else "") + ("  untied" if args.untie else ""), flush=True)
     print("JSON " + json.dumps(rows))
 
 

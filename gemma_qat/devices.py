@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
+
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("gemma_qat_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Steps traced inside are for `platform` ("tpu" | "gpu" | "cpu") whatever this process runs on:
+    preflight compiling for a TPU slice from a CPU host must choose what a TPU run chooses (`auto`
+    picked the grouped matmul for the host, and 26B-A4B's step for v5p-128 gathered an expert weight
+    per row block: 4.2 TB of all-reduce per step per chip, launch/README.md)."""
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def platform() -> str:
+    """The platform the current trace is for: `compiling_for`'s, else the process's default backend."""
+    return _TARGET.get() or jax.default_backend()
 
 
 def active_mesh_devices() -> int:
@@ -23,7 +45,7 @@ def single_gpu_cc_major() -> int | None:
     several (a Pallas call is opaque to XLA's SPMD partitioner, which gathers its whole input to every
     device: a one-GPU host compiling for 8xH100 would otherwise cost a kernel that no cluster runs), or a
     GPU without a CUDA capability (ROCm)."""
-    if jax.default_backend() != "gpu" or jax.device_count() != 1 or active_mesh_devices() > 1:
+    if platform() != "gpu" or jax.default_backend() != "gpu" or jax.device_count() != 1 or active_mesh_devices() > 1:
         return None
     cc = str(getattr(jax.devices()[0], "compute_capability", ""))
     try:

@@ -120,6 +120,13 @@ def logical_shards(name: str) -> int:
     return math.prod(dict(zip(mesh.axis_names, mesh.axis_sizes)).get(a, 1) for a in names)
 
 
+def mesh_axes(name: str) -> tuple[str, ...]:
+    """The mesh axes that the active rules (`activate`) map logical axis `name` to; () for none. For a
+    layer's shard_map specs, which speak mesh axes."""
+    axes = nn.logical_to_mesh_axes((name,))[0]
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def batch_sharding(mesh: Mesh, recipe: str) -> NamedSharding:
     """[B, T] inputs: batch over the recipe's batch axes."""
     return NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch", None), rules(recipe)))

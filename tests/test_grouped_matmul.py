@@ -125,6 +125,21 @@ def test_auto_picks_the_kernels_only_on_one_hopper_gpu(fake_devices):
     assert GM.auto_impl(2816, 1408) == "blocked"  # the kernels use Hopper's wgmma
 
 
+def test_auto_follows_the_platform_the_step_is_compiled_for(fake_devices):
+    # preflight on a CPU host compiling for a TPU slice: the TPU's choice, not the host's (the blocked
+    # form made 26B-A4B's v5p-128 step gather an expert weight per row block). A one-GPU host compiling
+    # for a TPU takes neither its kernels nor cuDNN's attention.
+    from gemma_qat import devices
+    fake_devices("cpu")
+    with devices.compiling_for("tpu"):
+        assert devices.platform() == "tpu" and GM.auto_impl(2816, 1408) == "ragged"
+    assert devices.platform() == "cpu" and GM.auto_impl(2816, 1408) == "blocked"
+    fake_devices("gpu")
+    with devices.compiling_for("tpu"):
+        assert GM.auto_impl(2816, 1408) == "ragged" and devices.single_gpu_cc_major() is None
+    assert devices.single_gpu_cc_major() == 9
+
+
 @pytest.mark.parametrize("fold", [1, 3])
 def test_gather_rows_backward_is_a_gather_with_autodiffs_numbers(fold):
     """gather_rows (the MoE's dispatch, fold = k, and its return to token order, fold = 1) gives autodiff's

@@ -60,3 +60,37 @@ def test_weights_policy_does_not_requantize_in_the_backward(params):
     assert once > 0
     assert _quantizations("full", params) == 2 * once  # the backward's recompute quantizes again
     assert _quantizations("weights", params) == once
+
+
+def _barriers(jaxpr) -> list[tuple]:
+    """Operand shapes of every optimization_barrier in a jaxpr and the jaxprs it calls."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "optimization_barrier":
+            found.append(tuple(v.aval.shape for v in eqn.invars))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    found += _barriers(sub)
+    return found
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_each_weight_gradient_leaves_the_backward_with_its_input_gradient(remat):
+    # layers.tie_gradients: every projection's weight cotangent and its input's cotangent pass one barrier
+    # together, and attention's dQ with its dK and dV, so the compiler cannot defer the weight (or dK/dV)
+    # dots, and the activations they read, to where the gradients are reduced. E2B on 8xH100 kept 41 GiB
+    # more live that way (launch/README.md). tiny-e2b: KV-shared layers, PLE, sliding and global layers.
+    cfg = get_config("tiny-e2b")
+    model = Transformer(cfg, remat=remat)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, cfg.vocab_size)
+    loss = lambda p: jnp.sum(model.apply({"params": p}, tokens).astype(jnp.float32) ** 2)  # noqa: E731
+    barriers = _barriers(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    weights = [tuple(w.shape) for path, w in jax.tree_util.tree_leaves_with_path(params)
+               if jax.tree_util.keystr(path).endswith("['w']")]
+    pairs = sorted(b[1] for b in barriers if len(b) == 2)
+    assert pairs == sorted(weights)  # one per projection, its weight's shape second
+    triples = [b for b in barriers if len(b) == 3]  # (q [B,T,K,G,H], k, v [B,S,K,H]) per attention layer
+    assert len(triples) == cfg.num_layers and all(len(q) == 5 and k == v for q, k, v in triples)

@@ -65,3 +65,40 @@ def test_mesh_errors_name_the_problem():
         sharding.MeshConfig(data=3).shape(8)
     with pytest.raises(ValueError, match="unknown sharding recipe"):
         sharding.MeshConfig(recipe="zero3")
+
+
+def test_moe_routes_each_devices_rows_locally():
+    """Under a mesh the experts run in a shard_map over the batch (model/moe.py): output and gradients
+    equal the unsharded layer's, and no collective of the compiled step carries routed token rows
+    (before, the partitioner sorted all of the step's B·T·k rows on every device: 26B-A4B on v5p-128
+    all-reduced 4.2 TB per step per chip). What moves is weights and the tensor-parallel partial sums."""
+    from gemma_qat.model.moe import MoE
+    from gemma_qat.model.layers import NoQuant
+    from gemma_qat.preflight import collectives
+
+    cfg = get_config("tiny-26b-a4b")
+    layer = MoE(d_model=cfg.d_model, num_experts=cfg.num_experts, top_k=cfg.top_k_experts,
+                hidden=cfg.expert_ffn_dim, quant=NoQuant(), grouped="ragged")
+    b, t = 8, 32
+    x = jax.random.normal(jax.random.PRNGKey(0), (b, t, cfg.d_model))
+    params = layer.init(jax.random.PRNGKey(1), x, x)["params"]
+    loss = lambda p, x: jnp.sum(jnp.sin(layer.apply({"params": p}, x, x)))  # noqa: E731
+    ref = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+    mc = sharding.MeshConfig(fsdp=2, tensor=2, expert=2, recipe="fsdp_tp_ep")
+    mesh = sharding.make_mesh(mc)
+    with sharding.activate(mesh, mc.recipe):
+        specs = jax.tree.map(lambda a: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), params)
+        specs["gating_einsum"]["w"] = jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec("expert", None, "tensor", "fsdp"))
+        x_s = jax.device_put(x, sharding.batch_sharding(mesh, mc.recipe).update(
+            spec=jax.sharding.PartitionSpec(("data", "fsdp", "expert"))))
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        got = step(jax.device_put(params, specs), x_s)
+        text = step.lower(jax.device_put(params, specs), x_s).compile().as_text()
+    for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
+    routed_rows_per_device = b // 4 * t * cfg.top_k_experts  # fsdp × expert split the rows 4 ways
+    for c in collectives.from_text(text):
+        for shape in c.shapes + c.result_shapes:
+            assert routed_rows_per_device not in shape and b * t * cfg.top_k_experts not in shape, (c.name, shape)

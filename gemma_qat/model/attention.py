@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gemma_qat import sharding
-from gemma_qat.model.layers import Array, DType, Einsum, QuantPolicy, RMSNorm, apply_rope, rope_inv_freq
+from gemma_qat import devices, sharding
+from gemma_qat.model.layers import (Array, DType, Einsum, QuantPolicy, RMSNorm, apply_rope, rope_inv_freq,
+                                   tie_gradients)
 
 _NEG_INF = -2.3819763e38  # most negative bf16-representable value; keeps fully masked rows finite
 
@@ -56,7 +57,7 @@ def attend(q: Array, key: Array, value: Array, mask: Array, segment_ids: Array |
     heads split as the query heads do: `head_shards` ways under tensor parallelism, since cuDNN's
     partitioner needs q, k and v sharded alike; 1 KV head over tensor=2 is replicated), xla elsewhere."""
     if impl == "auto":
-        ok = (jax.default_backend() == "gpu" and q.shape[-1] <= CUDNN_MAX_HEAD_DIM and q.shape[-1] % 8 == 0
+        ok = (devices.platform() == "gpu" and q.shape[-1] <= CUDNN_MAX_HEAD_DIM and q.shape[-1] % 8 == 0
               and q.dtype in (jnp.bfloat16, jnp.float16) and key.shape[1] == q.shape[1]
               and key.shape[2] % head_shards == 0 and q.shape[2] % head_shards == 0)
         if ok:
@@ -72,6 +73,7 @@ def attend(q: Array, key: Array, value: Array, mask: Array, segment_ids: Array |
     b, t, n, h = q.shape
     k = key.shape[2]
     qg = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
+    qg, key, value = tie_gradients(qg, key, value)  # dK, dV computed while dS and P are live (layers.py)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, key, preferred_element_type=jnp.float32)
     logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)

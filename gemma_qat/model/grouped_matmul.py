@@ -41,6 +41,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gemma_qat import devices
 from gemma_qat.devices import single_gpu_cc_major
 
 Array = jax.Array
@@ -88,7 +89,7 @@ def grouped_matmul(x: Array, w: Array, group_sizes: Array, *, impl: str = "auto"
 
 
 def auto_impl(k: int, n: int) -> str:
-    if jax.default_backend() == "tpu":
+    if devices.platform() == "tpu":  # the target's, also when preflight compiles for a TPU from a CPU host
         return "ragged"
     if single_gpu_cc_major() == 9 and k % KERNEL_DIM_MULTIPLE == 0 and n % KERNEL_DIM_MULTIPLE == 0:
         return "kernel"  # the kernels use Hopper's wgmma

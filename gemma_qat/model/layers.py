@@ -56,6 +56,28 @@ def param_path(module: nn.Module, name: str) -> str:
     return "/".join((*module.scope.path, name))
 
 
+@jax.custom_vjp
+def tie_gradients(*arrays: Array) -> tuple[Array, ...]:
+    """Identity in the forward; in the backward, the cotangents of `arrays` leave together (one
+    optimization barrier). Tying a matmul's input to its weight (or attention's q to its k and v) makes
+    the compiler finish the weight's (or k's, v's) gradient dot while the activation it reads is live,
+    before the input's cotangent flows on to the layer below. Untied, XLA deferred those dots, and with
+    them every layer's backward activations, to where the gradients are reduced or summed: E2B on
+    8xH100 held 19 layers' attention score gradients and 38 FFN activations at once (launch/README.md)."""
+    return arrays
+
+
+def _tie_fwd(*arrays):
+    return arrays, None
+
+
+def _tie_bwd(_, cotangents):
+    return tuple(jax.lax.optimization_barrier(tuple(cotangents)))
+
+
+tie_gradients.defvjp(_tie_fwd, _tie_bwd)
+
+
 def _normal(stddev: float):
     return nn.initializers.normal(stddev=stddev)
 
@@ -89,7 +111,8 @@ class Einsum(nn.Module):
         if x is None:
             return kernel
         x = self.quant.activation(self, "w", x, site="in")
-        y = jnp.einsum(eqn, x.astype(self.dtype), kernel)
+        x, kernel = tie_gradients(x.astype(self.dtype), kernel)
+        y = jnp.einsum(eqn, x, kernel)
         return self.quant.activation(self, "w", y, site="out")
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from gemma_qat import devices, sharding
 from gemma_qat.model.grouped_matmul import grouped_matmul
 from gemma_qat.model.layers import Array, DType, Einsum, QuantPolicy, RMSNorm, gelu_tanh
 
@@ -49,21 +50,53 @@ class MoE(nn.Module):
         top_p, top_i = jax.lax.top_k(probs, self.top_k)  # [B, T, k]
         top_w = top_p / jnp.sum(top_p, axis=-1, keepdims=True) * per_expert_scale.astype(jnp.float32)[top_i]
 
-        b, t, _ = x.shape
-        xf = x.reshape(b * t, d).astype(self.dtype)
-        flat_e = top_i.reshape(-1)  # [BT·k]
-        order = jnp.argsort(flat_e, stable=True)  # group assignments by expert
-        inv = jnp.argsort(order)  # where each (token, slot) assignment sits in expert order
-        group_sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
-        xs = gather_rows(xf, order // self.top_k, inv, self.top_k)  # [BT·k, D]
-        w_gu = gating().reshape(e, 2 * f, d)  # [E, 2F, D] as stored: the kernels read it transposed in place
-        gu = grouped_matmul(xs, w_gu, group_sizes, impl=self.grouped, transpose_w=True).astype(self.dtype)
-        h = gelu_tanh(gu[:, :f]) * gu[:, f:]  # [BT·k, F]
-        ys = grouped_matmul(h, linear(), group_sizes, impl=self.grouped)  # [BT·k, D], expert order
-        ys = gather_rows(ys, inv, order, 1).reshape(b * t, self.top_k, d)  # [BT, k, D], token order
-        # A multiply and a k-sum (one fusion), not an einsum: XLA would make a K = 8 batched dot of it.
-        out = jnp.sum(ys.astype(jnp.float32) * top_w.reshape(b * t, self.top_k, 1), axis=1)  # [BT, D]
-        return out.reshape(b, t, d).astype(x.dtype)
+        xc = x.astype(self.dtype)
+        w_gu, w_down = gating(), linear()  # [E, 2, F, D], [E, F, D]
+        if devices.active_mesh_devices() == 1:
+            return _experts(xc, top_i, top_w, w_gu, w_down, grouped=self.grouped, tensor_axes=()).astype(x.dtype)
+        # Under a mesh, each device routes its own rows: the sort, the grouped matmuls and the way back
+        # stay local (shard_map), with every expert's weights gathered over fsdp/expert like any FSDP
+        # layer and their FFN dim split over tensor. Left to the partitioner, the sort over all of the
+        # step's B·T·k routed rows made every device gather and multiply all of them (26B-A4B on
+        # v5p-128: 4.2 TB of all-reduce per step per chip, launch/README.md).
+        rows = sharding.mesh_axes("act_batch") or None
+        ffn = sharding.mesh_axes("expert_mlp")
+        spec = jax.sharding.PartitionSpec
+        local = jax.shard_map(
+            functools.partial(_experts, grouped=self.grouped, tensor_axes=ffn),
+            in_specs=(spec(rows), spec(rows), spec(rows), spec(None, None, ffn or None, None),
+                      spec(None, ffn or None, None)),
+            out_specs=spec(rows))
+        return local(xc, top_i, top_w, w_gu, w_down).astype(x.dtype)
+
+
+def _experts(x: Array, top_i: Array, top_w: Array, w_gu: Array, w_down: Array, *, grouped: str,
+             tensor_axes: tuple[str, ...]) -> Array:
+    """x [B, T, D], top_i / top_w [B, T, k], w_gu [E, 2, F, D], w_down [E, F, D] (F split over
+    `tensor_axes` inside a shard_map: the down projection's partial sums are added over them) → [B, T, D]."""
+    b, t, d = x.shape
+    e, _, f, _ = w_gu.shape
+    k = top_i.shape[-1]
+    if tensor_axes:
+        # Marked varying over tensor here, before the rows are copied k-fold: the backward then adds the
+        # input's partial gradients over tensor on [BT, D], not on the routed [BT·k, D].
+        x = jax.lax.pcast(x, tensor_axes, to="varying") if hasattr(jax.lax, "pcast") else jax.lax.pvary(x, tensor_axes)
+    xf = x.reshape(b * t, d)
+    flat_e = top_i.reshape(-1)  # [BT·k]
+    order = jnp.argsort(flat_e, stable=True)  # group assignments by expert
+    inv = jnp.argsort(order)  # where each (token, slot) assignment sits in expert order
+    group_sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
+    xs = gather_rows(xf, order // k, inv, k)  # [BT·k, D]
+    w_gu = w_gu.reshape(e, 2 * f, d)  # [E, 2F, D] as stored: the kernels read it transposed in place
+    gu = grouped_matmul(xs, w_gu, group_sizes, impl=grouped, transpose_w=True).astype(x.dtype)
+    h = gelu_tanh(gu[:, :f]) * gu[:, f:]  # [BT·k, F]
+    ys = grouped_matmul(h, w_down, group_sizes, impl=grouped)  # [BT·k, D], expert order
+    ys = gather_rows(ys, inv, order, 1).reshape(b * t, k, d)  # [BT, k, D], token order
+    # A multiply and a k-sum (one fusion), not an einsum: XLA would make a K = 8 batched dot of it.
+    out = jnp.sum(ys.astype(jnp.float32) * top_w.reshape(b * t, k, 1), axis=1)  # [BT, D]
+    if tensor_axes:
+        out = jax.lax.psum(out, tensor_axes)
+    return out.reshape(b, t, d).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

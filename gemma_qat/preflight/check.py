@@ -28,7 +28,7 @@ from flax import linen as nn
 from flax import traverse_util
 from jax.sharding import AbstractMesh, Mesh
 
-from gemma_qat import checkpoint, sharding
+from gemma_qat import checkpoint, devices, sharding
 from gemma_qat.preflight import compilers, layout, memory as preflight_memory, performance
 from gemma_qat.model import scan
 from gemma_qat.model.config import get_config
@@ -371,7 +371,8 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
                f"estimate (remat={cfg.remat}, b={rows}, T={cfg.data.seq_len}, largest transient: {kind})")
     report.largest = _largest(plan.state)
     if lower:
-        _check_step(cfg, topo, shape, plan_for, report, cpu_compile=cpu_compile, target=target_compile)
+        with devices.compiling_for(topo.platform):  # kernels and grouped matmuls as the target chooses them
+            _check_step(cfg, topo, shape, plan_for, report, cpu_compile=cpu_compile, target=target_compile)
         if report.compiled_program is not None:
             performance.analyse(report, s_cfg, t_cfg)
     else:
