@@ -39,6 +39,10 @@ NEG = loss_kernel.NEG
 # Under a mesh (sharding.activate) the accumulated dL/dE is pinned to the table's own layout, so the
 # [V, D] fp32 carry is sharded like the table whatever XLA's propagation would pick.
 _TABLE_AXES = ("vocab", "embed")
+# The bf16 head tables the chunks read: gathered over fsdp once, before the loop. Left sharded, XLA
+# gathered them inside it, three times per chunk (31B on 4x8xH100: 25 GB per step per GPU, between
+# hosts; E2B on 8xH100: 29 GB). preflight/memory.py counts them gathered ("head tables").
+_GATHERED_TABLE_AXES = ("vocab", None)
 
 
 def logits_from_hidden(h: Array, embed: Array, *, softcap: float | None) -> Array:
@@ -115,11 +119,11 @@ def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce:
     denom = jnp.where(tokens > 0, tokens, 1.0)
     g_kl = (1.0 - alpha) * temp / denom  # T² (Hinton) × 1/T (d(s/T)/ds), per unit token weight
     g_ce = (alpha if kind == "kl" else 1.0) / denom
-    e = table.astype(sh.dtype)  # [V, D] in the compute dtype, like the model's own head
+    e = nn.with_logical_constraint(table.astype(sh.dtype), _GATHERED_TABLE_AXES)  # [V, D], compute dtype
     te = None
     if kind == "kl":
         th, t_table = teacher
-        te = t_table.astype(th.dtype)
+        te = nn.with_logical_constraint(t_table.astype(th.dtype), _GATHERED_TABLE_AXES)
         t_xs = (split_chunks(th, c, n),)
     elif kind == "topk":
         t_xs = tuple(split_chunks(a, c, n) for a in teacher)  # log-probs, ids [n, B, c, k]
