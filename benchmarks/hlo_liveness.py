@@ -43,7 +43,7 @@ def liveness(text: str) -> dict:
     defined: dict[str, int] = {}
     for i, ins in enumerate(insts):
         if ins.opcode in _ALIASING:
-            roots[ins.name] = set().union(*(roots.get(o, set()) for o in ins.operands)) if ins.operands else set()
+            roots[ins.name] = set().union(*(roots.get(o, set()) for o in ins.operands))
             continue
         arrays = hlo.arrays(ins.shape)
         if ins.opcode.endswith("-start") and len(arrays) > 1:  # async start: (operands, result) tuple

@@ -115,9 +115,7 @@ def logical_shards(name: str) -> int:
     mesh = get() if get is not None else None
     if mesh is None or getattr(mesh, "empty", True):
         return 1
-    axes = nn.logical_to_mesh_axes((name,))[0]
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return math.prod(dict(zip(mesh.axis_names, mesh.axis_sizes)).get(a, 1) for a in names)
+    return math.prod(dict(zip(mesh.axis_names, mesh.axis_sizes)).get(a, 1) for a in mesh_axes(name))
 
 
 def mesh_axes(name: str) -> tuple[str, ...]:
