@@ -71,7 +71,9 @@ def test_moe_routes_each_devices_rows_locally():
     """Under a mesh the experts run in a shard_map over the batch (model/moe.py): output and gradients
     equal the unsharded layer's, and no collective of the compiled step carries routed token rows
     (before, the partitioner sorted all of the step's B·T·k rows on every device: 26B-A4B on v5p-128
-    all-reduced 4.2 TB per step per chip). What moves is weights and the tensor-parallel partial sums."""
+    all-reduced 4.2 TB per step per chip). What moves is weights and the tensor-parallel partial sums;
+    the expert weights are gathered inside, so their gradients leave by reduce-scatter into the
+    parameter shards, not as an all-reduce of the gathered weight over the batch devices."""
     from gemma_qat.model.moe import MoE
     from gemma_qat.model.layers import NoQuant
     from gemma_qat.preflight import collectives
@@ -91,17 +93,26 @@ def test_moe_routes_each_devices_rows_locally():
         specs = jax.tree.map(lambda a: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), params)
         specs["gating_einsum"]["w"] = jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec("expert", None, "tensor", "fsdp"))
+        specs["linear"]["w"] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert", "tensor", "fsdp"))
         x_s = jax.device_put(x, sharding.batch_sharding(mesh, mc.recipe).update(
             spec=jax.sharding.PartitionSpec(("data", "fsdp", "expert"))))
-        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), out_shardings=(None, (specs, None)))
         got = step(jax.device_put(params, specs), x_s)
         text = step.lower(jax.device_put(params, specs), x_s).compile().as_text()
     for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
+    found = collectives.from_text(text)
     routed_rows_per_device = b // 4 * t * cfg.top_k_experts  # fsdp × expert split the rows 4 ways
-    for c in collectives.from_text(text):
+    for c in found:
         for shape in c.shapes + c.result_shapes:
             assert routed_rows_per_device not in shape and b * t * cfg.top_k_experts not in shape, (c.name, shape)
+    e, f, d = cfg.num_experts, cfg.expert_ffn_dim, cfg.d_model
+    gathered = {(e, 2, f // 2, d), (e, f // 2, d), (e, 2 * f // 2, d), (e, d, 2 * f // 2), (e, d, f // 2)}
+    for c in found:  # an all-reduce over a group of one (data = 1) moves nothing
+        if c.kind == "all-reduce" and c.group_size > 1:
+            assert not gathered & set(c.shapes), (c.name, c.shapes)
+    scattered = {r for c in found if c.kind == "reduce-scatter" for r in c.result_shapes}
+    assert {(e // 2, 2, f // 2, d // 2), (e // 2, f // 2, d // 2)} <= scattered, scattered
 
 
 def test_loss_gathers_the_head_tables_once_not_per_chunk():

@@ -55,25 +55,34 @@ class MoE(nn.Module):
         if devices.active_mesh_devices() == 1:
             return _experts(xc, top_i, top_w, w_gu, w_down, grouped=self.grouped, tensor_axes=()).astype(x.dtype)
         # Under a mesh, each device routes its own rows: the sort, the grouped matmuls and the way back
-        # stay local (shard_map), with every expert's weights gathered over fsdp/expert like any FSDP
-        # layer and their FFN dim split over tensor. Left to the partitioner, the sort over all of the
-        # step's B·T·k routed rows made every device gather and multiply all of them (26B-A4B on
-        # v5p-128: 4.2 TB of all-reduce per step per chip, launch/README.md).
+        # stay local (shard_map). Left to the partitioner, the sort over all of the step's B·T·k routed
+        # rows made every device gather and multiply all of them (26B-A4B on v5p-128: 4.2 TB of
+        # all-reduce per step per chip, launch/README.md). The expert weights enter as the shards their
+        # parameters hold (fake-quantized and cast, so bf16) and are gathered over expert/fsdp inside:
+        # the transpose of that all_gather is a reduce-scatter of their gradients straight into the
+        # shards, where gathering them outside left the gradient as a full all-reduce over all the batch
+        # devices (twice the bytes; 1 GB per layer there). Their FFN dim stays split over tensor.
         rows = sharding.mesh_axes("act_batch") or None
-        ffn = sharding.mesh_axes("expert_mlp")
+        ex, emb, ffn = (sharding.mesh_axes(a) for a in ("expert", "embed", "expert_mlp"))
         spec = jax.sharding.PartitionSpec
         local = jax.shard_map(
-            functools.partial(_experts, grouped=self.grouped, tensor_axes=ffn),
-            in_specs=(spec(rows), spec(rows), spec(rows), spec(None, None, ffn or None, None),
-                      spec(None, ffn or None, None)),
+            functools.partial(_experts, grouped=self.grouped, tensor_axes=ffn, gather_axes=(ex, emb)),
+            in_specs=(spec(rows), spec(rows), spec(rows), spec(ex or None, None, ffn or None, emb or None),
+                      spec(ex or None, ffn or None, emb or None)),
             out_specs=spec(rows))
         return local(xc, top_i, top_w, w_gu, w_down).astype(x.dtype)
 
 
 def _experts(x: Array, top_i: Array, top_w: Array, w_gu: Array, w_down: Array, *, grouped: str,
-             tensor_axes: tuple[str, ...]) -> Array:
-    """x [B, T, D], top_i / top_w [B, T, k], w_gu [E, 2, F, D], w_down [E, F, D] (F split over
-    `tensor_axes` inside a shard_map: the down projection's partial sums are added over them) → [B, T, D]."""
+             tensor_axes: tuple[str, ...], gather_axes: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())) -> Array:
+    """x [B, T, D], top_i / top_w [B, T, k], w_gu [E, 2, F, D], w_down [E, F, D] → [B, T, D]. Inside a
+    shard_map: F split over `tensor_axes` (the down projection's partial sums are added over them), and
+    the weights' shards of E and D gathered over `gather_axes` = (expert axes, embed axes)."""
+    ex, emb = gather_axes
+    if ex:
+        w_gu, w_down = (jax.lax.all_gather(w, ex, axis=0, tiled=True) for w in (w_gu, w_down))
+    if emb:
+        w_gu, w_down = (jax.lax.all_gather(w, emb, axis=w.ndim - 1, tiled=True) for w in (w_gu, w_down))
     b, t, d = x.shape
     e, _, f, _ = w_gu.shape
     k = top_i.shape[-1]
