@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gemma_qat import loss_kernel
+from gemma_qat import loss_kernel, sharding
 
 Array = jax.Array
 # Finite stand-in for −inf when masking logits: keeps logsumexp and its gradient finite even if every
@@ -43,6 +43,12 @@ _TABLE_AXES = ("vocab", "embed")
 # gathered them inside it, three times per chunk (31B on 4x8xH100: 25 GB per step per GPU, between
 # hosts; E2B on 8xH100: 29 GB). preflight/memory.py counts them gathered ("head tables").
 _GATHERED_TABLE_AXES = ("vocab", None)
+# dL/dE under a mesh whose batch axes split the rows F ways: each device's chunks add into its own
+# partial table [F, V, D] (F over the batch axes), summed over F once after the loop. Reduced per chunk
+# into the table's layout instead, it was one fp32 reduce-scatter of [V/tensor, D] per chunk (31B on
+# 4x8xH100: 16.9 GB per step per GPU between hosts; E2B on 8xH100: 19.3 GB). preflight/memory.py counts
+# the fp32 gradient table unsharded over fsdp.
+_PARTIAL_TABLE_AXES = ("act_batch", "vocab", None)
 
 
 def logits_from_hidden(h: Array, embed: Array, *, softcap: float | None) -> Array:
@@ -131,6 +137,8 @@ def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce:
         t_xs = ()
 
     vocab = table.shape[0]
+    parts = sharding.logical_shards("act_batch")  # F: the rows' shards (module constants above)
+    parts = parts if parts > 1 and b % parts == 0 else 1
     kernel = kind != "topk" and loss_kernel.use_kernel(impl, vocab)
     interpret = jax.default_backend() != "gpu"
 
@@ -184,17 +192,29 @@ def _run(sh, table, teacher, labels, w, temp, alpha, *, cap, kind: str, with_ce:
         if not grads:
             return (d_table, sums), None
         dh = jnp.einsum("bcv,vd->bcd", dz, e, preferred_element_type=jnp.float32)
-        d_table = d_table + jnp.einsum("bcv,bcd->vd", dz, hc, preferred_element_type=jnp.float32)
-        d_table = nn.with_logical_constraint(d_table, _TABLE_AXES)
+        if parts > 1:  # [F, V, D] += per-shard dzᵀ·h: no collective in the loop
+            split = lambda a: a.reshape(parts, b // parts, *a.shape[1:])  # noqa: E731
+            d_table = d_table + jnp.einsum("fbcv,fbcd->fvd", split(dz), split(hc), preferred_element_type=jnp.float32)
+            d_table = nn.with_logical_constraint(d_table, _PARTIAL_TABLE_AXES)
+        else:
+            d_table = d_table + jnp.einsum("bcv,bcd->vd", dz, hc, preferred_element_type=jnp.float32)
+            d_table = nn.with_logical_constraint(d_table, _TABLE_AXES)
         return (d_table, sums), nn.with_logical_constraint(dh, ("act_batch", None, "act_embed"))
 
     keys = ("tokens",) + (("ce",) if kind != "topk" else ()) + (("kl", "agree") if kind != "ce" else ())
     sums0 = {k: jnp.zeros((), jnp.float32) for k in keys}
-    d0 = nn.with_logical_constraint(jnp.zeros(table.shape, jnp.float32), _TABLE_AXES) if grads else jnp.zeros(())
+    if not grads:
+        d0 = jnp.zeros(())
+    elif parts > 1:
+        d0 = nn.with_logical_constraint(jnp.zeros((parts, *table.shape), jnp.float32), _PARTIAL_TABLE_AXES)
+    else:
+        d0 = nn.with_logical_constraint(jnp.zeros(table.shape, jnp.float32), _TABLE_AXES)
     xs = (split_chunks(sh, c, n), split_chunks(labels, c, n), split_chunks(w, c, n)) + t_xs
     (d_table, sums), dh = jax.lax.scan(body, (d0, sums0), xs)
     if grads:  # stored in the primal dtypes: the backward only scales them
         dh = jnp.moveaxis(dh, 0, 1).reshape(b, n * c, d)[:, :t].astype(sh.dtype)  # [B, T, D]
+        if parts > 1:  # the one reduction of the step's partial tables into the table's layout
+            d_table = nn.with_logical_constraint(jnp.sum(d_table, axis=0), _TABLE_AXES)
         d_table = d_table.astype(table.dtype)
     return sums, dh, d_table
 
