@@ -16,10 +16,15 @@ def run(config_path: str | None, overrides: Sequence[str] = ()) -> int:
     distributed.initialize()
 
     from gemma_qat.train.config import load_run_config
+    from gemma_qat.train.guard import Diverged
     from gemma_qat.train.loop import train
 
     cfg = load_run_config(config_path, overrides)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except Diverged as e:  # a report, not a traceback: the last good checkpoint is intact
+        print(f"gemma-qat train: {e}", file=sys.stderr)
+        return 3
     status = "stopped early (preempted)" if result.stopped_early else "finished"
     print(f"{status} at step {int(result.state.step)}; run dir {result.run_dir}")
     return 0

@@ -10,6 +10,7 @@
     [mesh]        sharding.MeshConfig fields (data, fsdp, tensor, expert, recipe)
     [checkpoint]  where and how often, how many to keep
     [logging]     cadence, TensorBoard, peak FLOP/s for MFU
+    [guard]       loss-spike guard (train/guard.py; non-finite losses always stop the run)
     top level     run_dir, remat (none | full | dots | weights), attention (xla | cudnn | auto),
                   scan_layers (lax.scan over the repeating layer pattern: model/scan.py)
 
@@ -21,6 +22,7 @@ Load with `load_run_config(path, overrides)`; `to_dict()` is what gets saved bes
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +35,7 @@ from gemma_qat.train import config_io
 
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "linear", "cosine")
+GUARD_ACTIONS = ("warn", "stop")
 # `data.spec = "python-corpus"` builds the Python stdlib corpus under the run dir (no downloads).
 PYTHON_CORPUS = "python-corpus"
 
@@ -123,6 +126,16 @@ class LoggingSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class GuardSection:
+    """train/guard.py. A non-finite loss, gradient norm or parameter always stops the run before a
+    checkpoint; the spike guard is about losses that explode and stay finite."""
+    spike_factor: float = 10.0  # a loss above this × its running median is a spike; 0 disables
+    spike_steps: int = 10  # consecutive spiking steps before the guard acts
+    spike_window: int = 100  # steps in the running median
+    on_spike: str = "warn"  # warn | stop (stop as on a NaN: last good checkpoint kept, one report)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     run_dir: str = "runs/default"
     model: ModelSection = ModelSection()
@@ -134,6 +147,7 @@ class RunConfig:
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointSection = CheckpointSection()
     logging: LoggingSection = LoggingSection()
+    guard: GuardSection = GuardSection()
     remat: str = "none"  # none | full | dots | weights (model/transformer.py REMAT_POLICIES)
     attention: str = "auto"  # xla | cudnn | auto (model/attention.py attend; auto = cuDNN where it applies)
     scan_layers: bool = False  # lax.scan over the repeating layer pattern (model/scan.py): bounds compile time
@@ -161,11 +175,23 @@ def _positive(problems: list, key: str, value, *, zero_ok: bool = False) -> None
         problems.append(f"{key}={value} must be {'>= 0' if zero_ok else '> 0'}")
 
 
+def _finite(problems: list, section, prefix: str) -> None:
+    """NaN and ±inf are valid TOML floats and pass every range check (nan < 0 is False): no key of the
+    run config has a use for them."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _finite(problems, value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{prefix}{f.name}={value} must be a finite number")
+
+
 def _problems(c: RunConfig) -> list[str]:
     """Value checks that need no devices or files; shape checks against the mesh and data happen
     in the loop, where the devices are known."""
     p: list[str] = []
     o, d, s = c.optimizer, c.data, c.distill
+    _finite(p, c, "")
     _choice(p, "remat", c.remat, REMAT_POLICIES)
     _choice(p, "attention", c.attention, ATTENTION_IMPLS)
     _choice(p, "quant.q4_0_impl", c.quant.q4_0_impl, Q4_0_IMPLS)
@@ -174,6 +200,10 @@ def _problems(c: RunConfig) -> list[str]:
     _choice(p, "optimizer.compute_dtype", o.compute_dtype, DTYPES)
     _choice(p, "teacher.param_dtype", c.teacher.param_dtype, DTYPES)
     _choice(p, "distill.schedule", s.schedule, SCHEDULES)
+    _choice(p, "guard.on_spike", c.guard.on_spike, GUARD_ACTIONS)
+    _positive(p, "guard.spike_factor", c.guard.spike_factor, zero_ok=True)
+    _positive(p, "guard.spike_steps", c.guard.spike_steps)
+    _positive(p, "guard.spike_window", c.guard.spike_window)
     for key, val in [("optimizer.total_steps", o.total_steps), ("optimizer.grad_accum_steps", o.grad_accum_steps),
                      ("data.seq_len", d.seq_len), ("data.global_batch_size", d.global_batch_size),
                      ("distill.chunk_size", s.chunk_size), ("distill.temperature", s.temperature),

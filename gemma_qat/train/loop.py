@@ -7,6 +7,9 @@ cleanly on SIGTERM.
                                                                         ▼
     restore newest readable checkpoint ─► loop { step ─► metrics (one step late) ─► save? ─► stop? }
 
+Nothing non-finite is ever saved (train/guard.py): the metrics are read one step late, except at a
+step that saves, where they are read (and the parameters checked) before the checkpoint is written.
+
 With `teacher.cache` set there is no teacher: the iterator reads packed rows plus the teacher's
 top-k log-probs from the cache (train/teacher_cache.py) and the step minimises the top-k KL.
 """
@@ -29,7 +32,7 @@ from gemma_qat.data import make_eval_batches
 from gemma_qat.export.common import SCALES_JSON, load_quant_scales, save_quant_scales
 from gemma_qat.quant.policy import RecipePolicy, calibrate, check_q4_0_blocks
 from gemma_qat.train import inputs, metrics as metrics_lib, optimizer as optim, state as state_lib, step as step_lib
-from gemma_qat.train import build, teacher_cache
+from gemma_qat.train import build, guard as guard_lib, teacher_cache
 from gemma_qat.train.checkpointing import RunCheckpointer
 from gemma_qat.train.config import RunConfig
 from gemma_qat.train.policy import resolve_policy
@@ -154,11 +157,12 @@ def train(cfg: RunConfig, *, quant_policy: QuantPolicy | None = None,
     """
     run = _setup(cfg, quant_policy, devices, print_fn)
     total, state, losses = cfg.optimizer.total_steps, run.state, {}
+    guard = guard_lib.Guard(cfg.guard, run.resumed_from, print_fn)
 
     def process(step: int, device_metrics: dict) -> None:
         host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         dt = run.logger.step_done()
-        metrics_lib.check_finite(step, host["loss"])
+        guard.check_step(step, host)
         losses[step] = host["loss"]
         if step % cfg.logging.every_steps == 0 or step == total:
             run.logger.log(step, host, dt)
@@ -180,7 +184,11 @@ def train(cfg: RunConfig, *, quant_policy: QuantPolicy | None = None,
                 pending = (step, device_metrics)
                 stopped = _agreed_stop(flag)
                 if step % cfg.checkpoint.every_steps == 0 or step == total or stopped:
+                    process(*pending)  # this step's metrics before its state is saved (guard.py)
+                    pending = None
+                    guard.check_state(step, state)
                     run.ckpt.save(step, state, run.iterator.get_state(), cfg.to_dict())
+                    guard.saved(step)
                 if stopped:
                     print_fn(f"stop requested ({flag.reason}): saved step {step}, exiting")
                     break

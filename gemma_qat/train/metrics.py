@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import time
 from pathlib import Path
 
@@ -124,9 +123,3 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
         return
     lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= last_step]
     path.write_text("".join(l + "\n" for l in lines))
-
-
-def check_finite(step: int, loss: float) -> None:
-    """FloatingPointError(step, loss): a NaN/Inf loss is never worth another step or a checkpoint."""
-    if not math.isfinite(loss):
-        raise FloatingPointError(step, loss)
