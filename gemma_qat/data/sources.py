@@ -74,6 +74,19 @@ def record_to_text(record: Any, field: str = "text") -> str:
     raise TypeError(f"Unsupported record type {type(record).__name__}")
 
 
+def check_record(record: Any, field: str, where: str) -> None:
+    """ValueError naming `where`, the field expected and the fields found, unless record_to_text can
+    read the record."""
+    if isinstance(record, (str, bytes)):
+        return
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object with a {field!r} field, found a "
+                         f"{type(record).__name__}")
+    if field not in record and "messages" not in record:
+        raise ValueError(f"{where}: no {field!r} field (nor a chat 'messages' list); its fields are "
+                         f"{sorted(record)}. Fix: name the field in data.spec, e.g. jsonl:FILE#field=NAME")
+
+
 def expand_paths(pattern: str) -> list[str]:
     """Sorted glob matches (deterministic order); FileNotFoundError if none."""
     paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else (
@@ -130,6 +143,21 @@ class JsonlSource:
                     pos += len(line)
             self._offsets.append(np.asarray(offs, np.int64))
             self._cum.append(self._cum[-1] + len(offs))
+            self._check_opening(path, offs)
+
+    def _check_opening(self, path: str, offsets: list[int], n: int = 3) -> None:
+        """The first records, when the source opens: a wrong file fails here, not after the start-up."""
+        if not offsets:
+            raise ValueError(f"data file {path} has no records (one JSON object per line expected)")
+        with open(path, "rb") as f:
+            for k, off in enumerate(offsets[:n]):
+                f.seek(off)
+                line = f.readline()
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"data file {path}, record {k + 1}: not valid JSON ({e})") from None
+                check_record(record, self._field, f"data file {path}, record {k + 1}")
 
     def __len__(self) -> int:
         return self._cum[-1]

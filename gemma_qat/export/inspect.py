@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from pathlib import Path
 
 from gemma_qat.export import common, mobile, orbax_q4_0, safetensors_hf
@@ -85,7 +86,19 @@ def _gguf(path: Path) -> dict:
         import gguf
     except ModuleNotFoundError:
         raise ValueError("reading GGUF files needs the `gguf` package (pip install gguf)") from None
-    reader = gguf.GGUFReader(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (starts with {magic!r}, not b'GGUF')")
+    try:  # the reader indexes its fields and shapes its tensors as it parses: a cut file fails there
+        reader = gguf.GGUFReader(path)
+    except (IndexError, ValueError, KeyError, OverflowError, struct.error) as e:
+        raise ValueError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:  # the reader maps tensor data lazily: a cut file shows in the offsets
+        if int(t.data_offset) + int(t.n_bytes) > size:
+            raise ValueError(f"{path}: truncated: tensor {t.name!r} ends at byte {int(t.data_offset) + int(t.n_bytes)}, "
+                             f"the file has {size}")
     rows = [_row(t.name, t.tensor_type.name.lower(), t.tensor_type.name, [int(x) for x in reversed(t.shape)],
                  int(t.n_bytes), int(t.n_elements)) for t in reader.tensors]  # GGUF lists ne0 (= in) first
     meta = {}

@@ -113,10 +113,43 @@ def write_file(path: Path, items, arrays) -> None:
             f.write(a.tobytes())  # native order is little-endian on every platform JAX runs on
 
 
+# Bytes per element of the safetensors dtype names, for the header's bounds checks.
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own bound on the JSON header
+
+
 def read_header(path) -> tuple[dict, int]:
-    """-> (header without __metadata__, file offset where the data starts)."""
+    """-> (header without __metadata__, file offset where the data starts). Every length is checked
+    against the file before it is trusted: a truncated, cut or garbage file is one ValueError naming it."""
+    size = Path(path).stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise ValueError(f"{path}: not a safetensors file, or truncated: its header length {n} exceeds "
+                             f"{'the file' if n <= _MAX_HEADER else 'the 100 MiB limit'} ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
+    data_bytes, end = size - 8 - n, 0
+    for name, h in header.items():
+        try:
+            a, b = (int(x) for x in h["data_offsets"])
+            want = math.prod(int(x) for x in h["shape"]) * _ST_ITEMSIZE[h["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: corrupt safetensors header entry {name!r}: {h!r}") from None
+        if not 0 <= a <= b or b - a != want:
+            raise ValueError(f"{path}: corrupt safetensors header: tensor {name!r} has offsets [{a}, {b}] for "
+                             f"{want} bytes of {h['dtype']}{list(h['shape'])}")
+        end = max(end, b)
+    if end > data_bytes:
+        raise ValueError(f"{path}: truncated: the header describes {end} bytes of tensor data, the file holds "
+                         f"{data_bytes}")
     return header, 8 + n
