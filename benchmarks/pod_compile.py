@@ -30,14 +30,14 @@ PRESET_CASES = [
     ("e2b-q4_0", None, []), ("e2b-mobile", None, []), ("e4b-q4_0", None, []), ("e4b-mobile", None, []),
     ("12b-q4_0", None, []), ("26b-a4b-q4_0", None, []), ("31b-q4_0", None, []),
 ]
-TPU_MATRIX = [
-    ("e2b-q4_0", "v5p-16", []), ("e2b-mobile", "v5p-16", []),
-    ("e2b-q4_0", "v6e-16", []), ("e2b-mobile", "v6e-16", []),
-    ("e4b-q4_0", "v5p-32", []), ("e4b-mobile", "v5p-32", []),
-    ("e4b-q4_0", "v6e-16", []), ("e4b-mobile", "v6e-16", []),
-    ("12b-q4_0", "v5p-64", []), ("12b-q4_0", "v6e-64", []),
-    ("26b-a4b-q4_0", "v5p-128", []), ("26b-a4b-q4_0", "v6e-128", []),
-    ("31b-q4_0", "v5p-128", []), ("31b-q4_0", "v6e-128", []),
+TPU_MATRIX = [  # a preset's mesh where its product is the slice's chips; otherwise data parallel takes the rest
+    ("e2b-q4_0", "v5p-16", []), ("e2b-mobile", "v5p-16", ["mesh.tensor=4"]),
+    ("e2b-q4_0", "v6e-16", ["mesh.data=-1"]), ("e2b-mobile", "v6e-16", []),
+    ("e4b-q4_0", "v5p-32", []), ("e4b-mobile", "v5p-32", ["mesh.data=-1"]),
+    ("e4b-q4_0", "v6e-16", []), ("e4b-mobile", "v6e-16", ["mesh.data=-1"]),
+    ("12b-q4_0", "v5p-64", []), ("12b-q4_0", "v6e-64", ["mesh.data=-1"]),
+    ("26b-a4b-q4_0", "v5p-128", []), ("26b-a4b-q4_0", "v6e-128", ["mesh.data=-1"]),
+    ("31b-q4_0", "v5p-128", ["mesh.data=-1"]), ("31b-q4_0", "v6e-128", ["mesh.data=-1"]),
 ]
 GPU_MATRIX = [  # the presets whose topology is a GPU cluster, then more sizes
     ("e2b-q4_0", "8xH100", []), ("e4b-mobile", "8xH200", []), ("31b-q4_0", "4x8xH100", []),

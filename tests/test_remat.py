@@ -2,6 +2,8 @@
 gradient is the same under every policy, and `weights` keeps each layer's fake-quantized weights
 so the backward does not quantize them again."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,21 +78,22 @@ def _barriers(jaxpr) -> list[tuple]:
     return found
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
-def test_each_weight_gradient_leaves_the_backward_with_its_input_gradient(remat):
+@pytest.mark.parametrize("variant,remat", [("tiny-e2b", "none"), ("tiny-e2b", "full"), ("tiny-26b-a4b", "full")])
+def test_each_weight_gradient_leaves_the_backward_with_its_input_gradient(variant, remat):
     # layers.tie_gradients: every projection's weight cotangent and its input's cotangent pass one barrier
     # together, and attention's dQ with its dK and dV, so the compiler cannot defer the weight (or dK/dV)
     # dots, and the activations they read, to where the gradients are reduced. E2B on 8xH100 kept 41 GiB
-    # more live that way (launch/README.md). tiny-e2b: KV-shared layers, PLE, sliding and global layers.
-    cfg = get_config("tiny-e2b")
+    # more live that way (launch/README.md). tiny-e2b: KV-shared layers, PLE, sliding and global layers;
+    # tiny-26b-a4b: the router and the experts' grouped matmuls (26B-A4B on v5p-128 kept 36 GiB more live).
+    cfg = get_config(variant)
     model = Transformer(cfg, remat=remat)
     params = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, cfg.vocab_size)
     loss = lambda p: jnp.sum(model.apply({"params": p}, tokens).astype(jnp.float32) ** 2)  # noqa: E731
     barriers = _barriers(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
-    weights = [tuple(w.shape) for path, w in jax.tree_util.tree_leaves_with_path(params)
+    weights = [w.size for path, w in jax.tree_util.tree_leaves_with_path(params)
                if jax.tree_util.keystr(path).endswith("['w']")]
-    pairs = sorted(b[1] for b in barriers if len(b) == 2)
-    assert pairs == sorted(weights)  # one per projection, its weight's shape second
+    pairs = sorted(math.prod(b[1]) for b in barriers if len(b) == 2)
+    assert pairs == sorted(weights)  # one per projection, its weight second (the experts' [E, 2, F, D] as [E, 2F, D])
     triples = [b for b in barriers if len(b) == 3]  # (q [B,T,K,G,H], k, v [B,S,K,H]) per attention layer
     assert len(triples) == cfg.num_layers and all(len(q) == 5 and k == v for q, k, v in triples)

@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from gemma_qat import devices, sharding
 from gemma_qat.model.grouped_matmul import grouped_matmul
-from gemma_qat.model.layers import Array, DType, Einsum, QuantPolicy, RMSNorm, gelu_tanh
+from gemma_qat.model.layers import Array, DType, Einsum, QuantPolicy, RMSNorm, gelu_tanh, tie_gradients
 
 
 class MoE(nn.Module):
@@ -45,7 +45,8 @@ class MoE(nn.Module):
         # Router: scale-free RMSNorm · router_scale · D^-0.5, logits and softmax in fp32.
         z = RMSNorm(with_scale=False, eps=self.eps)(router_input)
         z = z * router_scale.astype(z.dtype) * jnp.asarray(d**-0.5, z.dtype)
-        logits = jnp.einsum("BTD,DE->BTE", z, router(), preferred_element_type=jnp.float32)
+        z, w_router = tie_gradients(z, router())  # as Einsum does for its input and weight (layers.py)
+        logits = jnp.einsum("BTD,DE->BTE", z, w_router, preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1)
         top_p, top_i = jax.lax.top_k(probs, self.top_k)  # [B, T, k]
         top_w = top_p / jnp.sum(top_p, axis=-1, keepdims=True) * per_expert_scale.astype(jnp.float32)[top_i]
@@ -79,6 +80,13 @@ def _experts(x: Array, top_i: Array, top_w: Array, w_gu: Array, w_down: Array, *
     shard_map: F split over `tensor_axes` (the down projection's partial sums are added over them), and
     the weights' shards of E and D gathered over `gather_axes` = (expert axes, embed axes)."""
     ex, emb = gather_axes
+    if tensor_axes:
+        # Marked varying over tensor here, before the rows are copied k-fold: the backward then adds the
+        # input's partial gradients over tensor on [BT, D], not on the routed [BT·k, D].
+        x = _vary(x, tensor_axes)
+    # The weight shards vary over the rows' axes too (data), before the gather: their gradients are then
+    # summed over data on the shard, after the reduce-scatter; and tie_gradients sees one type in and out.
+    w_gu, w_down = (_vary(w, _vma(x) - _vma(w)) for w in (w_gu, w_down))
     if ex:
         w_gu, w_down = (jax.lax.all_gather(w, ex, axis=0, tiled=True) for w in (w_gu, w_down))
     if emb:
@@ -86,10 +94,6 @@ def _experts(x: Array, top_i: Array, top_w: Array, w_gu: Array, w_down: Array, *
     b, t, d = x.shape
     e, _, f, _ = w_gu.shape
     k = top_i.shape[-1]
-    if tensor_axes:
-        # Marked varying over tensor here, before the rows are copied k-fold: the backward then adds the
-        # input's partial gradients over tensor on [BT, D], not on the routed [BT·k, D].
-        x = jax.lax.pcast(x, tensor_axes, to="varying") if hasattr(jax.lax, "pcast") else jax.lax.pvary(x, tensor_axes)
     xf = x.reshape(b * t, d)
     flat_e = top_i.reshape(-1)  # [BT·k]
     order = jnp.argsort(flat_e, stable=True)  # group assignments by expert
@@ -97,8 +101,14 @@ def _experts(x: Array, top_i: Array, top_w: Array, w_gu: Array, w_down: Array, *
     group_sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)
     xs = gather_rows(xf, order // k, inv, k)  # [BT·k, D]
     w_gu = w_gu.reshape(e, 2 * f, d)  # [E, 2F, D] as stored: the kernels read it transposed in place
+    # Each expert weight's gradient leaves the backward with its input's (layers.tie_gradients). Untied,
+    # the compiler deferred the weight-gradient grouped matmuls of all 30 layers of 26B-A4B to the
+    # gradient reduce-scatter, keeping every layer's routed rows and their cotangents live at once
+    # (v5p-128: 36 GiB of a 49.7 GiB temp, launch/README.md).
+    xs, w_gu = tie_gradients(xs, w_gu)
     gu = grouped_matmul(xs, w_gu, group_sizes, impl=grouped, transpose_w=True).astype(x.dtype)
     h = gelu_tanh(gu[:, :f]) * gu[:, f:]  # [BT·k, F]
+    h, w_down = tie_gradients(h, w_down)
     ys = grouped_matmul(h, w_down, group_sizes, impl=grouped)  # [BT·k, D], expert order
     ys = gather_rows(ys, inv, order, 1).reshape(b * t, k, d)  # [BT, k, D], token order
     # A multiply and a k-sum (one fusion), not an einsum: XLA would make a K = 8 batched dot of it.
@@ -106,6 +116,21 @@ def _experts(x: Array, top_i: Array, top_w: Array, w_gu: Array, w_down: Array, *
     if tensor_axes:
         out = jax.lax.psum(out, tensor_axes)
     return out.reshape(b, t, d).astype(x.dtype)
+
+
+def _vma(a: Array) -> set[str]:
+    """The mesh axes a value varies over inside a shard_map (none outside one): `aval.mat.varying` on
+    jax ≥ 0.10, `aval.vma` before."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "mat", None)
+    return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()) or ())
+
+
+def _vary(a: Array, axes) -> Array:
+    axes = tuple(sorted(axes))
+    if not axes:
+        return a
+    return jax.lax.pcast(a, axes, to="varying") if hasattr(jax.lax, "pcast") else jax.lax.pvary(a, axes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
