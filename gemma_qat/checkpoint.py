@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -20,6 +21,7 @@ from gemma_qat.model.params import abstract_params, flat_shapes
 
 CONFIG_FILE = "model_config.json"
 META_FILE = "meta.json"
+log = logging.getLogger(__name__)
 PARAMS_DIR = "params"
 
 
@@ -32,10 +34,13 @@ def atomic_dir(out_dir: str | os.PathLike, *, force: bool = False) -> Iterator[P
     one path and waits for the primary to create it) and only process 0 creates, swaps and deletes,
     with barriers between, so no host renames a folder another is still writing."""
     out = Path(out_dir).absolute()
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
     multi = jax.process_count() > 1
     primary = jax.process_index() == 0
+    if primary:
+        _recover_interrupted(out)
+    _barrier(multi, f"gemma_qat.atomic_dir.recovered:{out}")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
     # A per-call random name would differ between hosts; one fixed name is safe because the
     # barriers keep hosts in step and a stale copy from a crashed run is cleared first.
     tmp = out.parent / (f".{out.name}.tmp-multihost" if multi else f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -61,6 +66,24 @@ def atomic_dir(out_dir: str | os.PathLike, *, force: bool = False) -> Iterator[P
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(multi, f"gemma_qat.atomic_dir.done:{out}")  # nobody reads `out` before it exists
+
+
+def _recover_interrupted(out: Path) -> None:
+    """What a kill inside `atomic_dir` leaves beside `out`: `.NAME.tmp-*` (a write that never finished,
+    removed) and `.NAME.old-*` (the previous complete folder, moved aside for the swap: put back if
+    `out` is missing, else removed). Each with a warning naming the path."""
+    if not out.parent.is_dir():
+        return
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if not out.exists():
+            old.rename(out)
+            log.warning("%s: restored from %s, which an interrupted replacement had moved aside", out, old)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            log.warning("removed %s, left by an interrupted replacement of %s", old, out)
+    for tmp in sorted(out.parent.glob(f".{out.name}.tmp-*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("removed %s, an unfinished write of %s", tmp, out)
 
 
 def _barrier(multi: bool, name: str) -> None:

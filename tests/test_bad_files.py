@@ -103,3 +103,45 @@ def test_a_jsonl_without_the_text_field_fails_when_the_source_opens(tmp_path):
     line = [l for l in r.stderr.splitlines() if "error:" in l]
     assert len(line) == 1 and f"data file {bad}, record 1: no 'text' field" in line[0], r.stderr[-2000:]
     assert "['body', 'id']" in line[0]
+
+
+def test_an_interrupted_folder_write_is_cleaned_or_put_back(tmp_path):
+    """A kill inside checkpoint.atomic_dir leaves `.NAME.tmp-*` (removed by the next write) or, between
+    the two renames of a replacement, `.NAME.old-*` with no NAME (the previous folder: put back)."""
+    from gemma_qat.checkpoint import atomic_dir
+
+    out = tmp_path / "model"
+    (tmp_path / ".model.tmp-dead").mkdir()
+    (tmp_path / ".model.tmp-dead" / "half").write_bytes(b"x" * 100)
+    (tmp_path / ".model.old-beef").mkdir()
+    (tmp_path / ".model.old-beef" / "params").write_text("previous")
+    with pytest.raises(FileExistsError):  # the previous model is back, and not replaced without force
+        with atomic_dir(out):
+            pass
+    assert (out / "params").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    (tmp_path / ".model.tmp-dead2").mkdir()
+    with atomic_dir(out, force=True) as tmp:
+        (tmp / "params").write_text("new")
+    assert (out / "params").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_torn_metrics_line_is_dropped_with_a_warning(tmp_path):
+    from gemma_qat.train.metrics import _truncate_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    warnings = []
+    _truncate_jsonl(path, 2, warn=warnings.append)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    assert len(warnings) == 1 and str(path) in warnings[0] and "dropped 1 unreadable line" in warnings[0]
+
+
+def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    rc = cli.main(["train", "--config", "configs/tiny.toml", f"run_dir={blocker}/run"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and f"run_dir {blocker}/run is not writable" in err, err
+    assert blocker.read_text() == "not a folder"

@@ -77,7 +77,7 @@ class _Run:
 
 def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) -> _Run:
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(run_dir)
     mesh = _make_mesh(cfg, devices)
     build.check_batch_layout(cfg, mesh)
     recipe, o = cfg.mesh.recipe, cfg.optimizer
@@ -143,6 +143,19 @@ def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) 
     return _Run(state=state, teacher_params=t_params, jstep=jstep, batch_sharding=batch_sh, iterator=iterator,
                 ckpt=ckpt, logger=logger, mesh=mesh, resumed_from=resumed_from, model_config=s_cfg, policy=policy,
                 tokenizer=tokenizer_name)
+
+
+def _check_writable(run_dir: Path) -> None:
+    """The run dir exists (made here) and takes files: a read-only or misplaced one is one line now,
+    not an OSError when the first checkpoint or metric is written."""
+    probe = run_dir / f".write-test-{jax.process_index()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"run_dir {run_dir} is not writable ({e.strerror or e}); choose another run_dir or "
+                         "fix its permissions") from None
 
 
 def train(cfg: RunConfig, *, quant_policy: QuantPolicy | None = None,

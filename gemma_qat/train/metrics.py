@@ -57,7 +57,7 @@ class MetricsLogger:
         self.print = print_fn
         self.jsonl_path = Path(run_dir) / "metrics.jsonl"
         if is_writer and resumed_from is not None:
-            _truncate_jsonl(self.jsonl_path, resumed_from)
+            _truncate_jsonl(self.jsonl_path, resumed_from, warn=print_fn)
         self._jsonl = open(self.jsonl_path, "a") if is_writer else None
         self._tb = EventWriter(Path(run_dir) / "tensorboard") if (tensorboard and is_writer) else None
         self._last_time: float | None = None
@@ -116,10 +116,24 @@ class MetricsLogger:
             self._tb.close()
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
+def _truncate_jsonl(path: Path, last_step: int, warn=print) -> None:
     """Drops records past the checkpoint a run resumes from: those steps are about to be redone, and
-    one record per step keeps the file a plain table."""
+    one record per step keeps the file a plain table. A line a kill tore in half is dropped with a
+    warning naming the file (its step is past the checkpoint, or it was never complete)."""
     if not path.is_file():
         return
-    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= last_step]
-    path.write_text("".join(l + "\n" for l in lines))
+    kept, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            torn += 1
+            continue
+        if step <= last_step:
+            kept.append(line)
+    if torn:
+        warn(f"warning: {path}: dropped {torn} unreadable line(s) (a write cut short by a kill)")
+    path.write_text("".join(l + "\n" for l in kept))
