@@ -69,6 +69,39 @@ def test_damaged_newest_checkpoints_fall_back_with_a_warning(uninterrupted, tmp_
     assert (ckpt / "20" / "state").is_dir()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_changed_bytes_in_a_checkpoint_are_caught_by_its_checksums(uninterrupted, tmp_path, caplog):
+    """Same length, different bytes: Orbax's own reads accepted these (a resume that died with NaN at
+    every restart, or one flipped bit that finished with a different model). checksums.json catches them."""
+    import shutil
+    src = uninterrupted.run_dir / "checkpoints"
+    ckpt = tmp_path / "checkpoints"
+    for step in (10, 15, 20):
+        shutil.copytree(src / str(step), ckpt / str(step))
+        assert (ckpt / str(step) / "checksums.json").is_file()
+    arrays = lambda step: max((p for p in (ckpt / str(step) / "state").rglob("*") if p.is_file()),  # noqa: E731
+                              key=lambda p: p.stat().st_size)
+    big = arrays(20)
+    raw = bytearray(big.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 256] = bytes(255 - b for b in raw[mid:mid + 256])  # 256 bytes overwritten in the middle
+    big.write_bytes(bytes(raw))
+    one = arrays(15)
+    raw = bytearray(one.read_bytes())
+    raw[len(raw) // 3] ^= 0x04  # one bit
+    one.write_bytes(bytes(raw))
+
+    with caplog.at_level(logging.WARNING, logger="gemma_qat.train.checkpointing"):
+        again = train(base_config(tmp_path), **QUIET)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for step, path in ((20, big), (15, one)):
+        assert any(f"STEP {step} IS UNREADABLE" in w and "does not match its checksum" in w for w in warnings), warnings
+    assert again.resumed_from == 10
+    for s in range(11, TOTAL_STEPS + 1):
+        assert again.losses[s] == uninterrupted.losses[s]
+    assert len(list(ckpt.glob("corrupt-20-*"))) == 1 and len(list(ckpt.glob("corrupt-15-*"))) == 1
+
+
 def test_checkpoints_of_another_model_are_an_error_not_corruption(uninterrupted, tmp_path):
     import shutil
     shutil.copytree(uninterrupted.run_dir / "checkpoints" / "5", tmp_path / "checkpoints" / "5")

@@ -4,13 +4,16 @@ one step folder; restore picks the newest readable one.
 Layout of `<dir>/<step>/`: `state/` (params, opt_state, step, rng), `data/` (the grain iterator
 state, one JSON file per process), `config/` (the run config JSON). The data item goes through
 grain's Orbax handler rather than `JsonSave` because JsonSave writes only from the primary process,
-and every host's iterator has its own position.
+and every host's iterator has its own position. Once Orbax has committed a step, `checksums.json`
+(train/checksums.py) records every file's CRC-32; restore checks it, so flipped bytes are set aside
+like a truncated file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from gemma_qat.train import checksums
 from gemma_qat.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -59,8 +63,12 @@ class RunCheckpointer:
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, keep_period=keep_every or None, enable_async_checkpointing=async_save,
-            create=True, cleanup_tmp_directories=True)
+            create=True, cleanup_tmp_directories=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._seal))
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._async = async_save
+        self._lock = threading.Lock()
+        self._unsealed: list[int] = []  # saved steps whose checksums are not written yet
 
     def save(self, step: int, state: TrainState, data_state: dict, config: dict) -> None:
         """Starts the save; arrays are copied off the devices before this returns, so the caller may
@@ -68,7 +76,26 @@ class RunCheckpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state)),
                                   config=ocp.args.JsonSave(config))
+        with self._lock:
+            self._unsealed.append(step)
         self.manager.save(step, args=args, force=True)
+        if not self._async:
+            self._seal()
+
+    def _seal(self) -> None:
+        """Checksums for every saved step that Orbax has committed (its folder has its final name).
+        Runs in Orbax's background thread after each async save, so the step loop does not wait."""
+        with self._lock:
+            for step in list(self._unsealed):
+                step_dir = self.directory / str(step)
+                if not step_dir.is_dir():
+                    continue  # still being written (or already deleted by max_to_keep)
+                if jax.process_index() == 0:
+                    try:
+                        checksums.seal(step_dir)
+                    except OSError as e:  # deleted under us by the keep policy: nothing to protect
+                        log.warning("could not write checksums for step %d: %s", step, e)
+                self._unsealed.remove(step)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -83,6 +110,13 @@ class RunCheckpointer:
         it is never moved aside: that is a ValueError naming the difference."""
         steps = self.steps()
         for step in reversed(steps):
+            problem = checksums.verify(self.directory / str(step))
+            if problem is not None:
+                self._quarantine(step, ValueError(problem))
+                continue
+            if not checksums.sealed(self.directory / str(step)):
+                log.info("step %d has no checksums (saved before they existed, or killed before they were "
+                         "written): restoring it unverified", step)
             try:
                 saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
             except Exception as e:  # Orbax/tensorstore/grain raise many types for a damaged folder.
@@ -118,6 +152,7 @@ class RunCheckpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self._seal()
 
     def close(self) -> None:
         self.manager.close()
