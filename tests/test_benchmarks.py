@@ -94,3 +94,9 @@ def test_hlo_liveness_lists_the_buffers_live_at_the_peak(tmp_path):
     assert res["peak_bytes"] >= 256 * 512 * 4 and res["top"]
     assert [r["bytes"] for r in res["top"]] == sorted((r["bytes"] for r in res["top"]), reverse=True)
     assert all(r["count"] >= 1 and r["shape"] for r in res["top"])
+
+
+def test_bench_checksums_saves_seals_and_verifies(tmp_path):
+    row = _run("bench_checksums.py", "--params", "600000", "--leaves", "4", "--dir", str(tmp_path / "ck"))
+    assert row["verify_ok"] and row["params"] == 600000
+    assert row["checkpoint_bytes"] > 3 * 600000 * 4 * 0.5  # params and two moments, fp32
