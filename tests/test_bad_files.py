@@ -145,3 +145,19 @@ def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and f"run_dir {blocker}/run is not writable" in err, err
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("text,needle", [("{\"format\": \"gemma-qat-q4_0", "not valid JSON"), ("[1, 2]", "manifest"),
+                                         (None, "incomplete export manifest")])
+def test_a_damaged_export_manifest_is_one_line(tmp_path, capsys, text, needle):
+    from gemma_qat.export import common, orbax_q4_0
+
+    out = tmp_path / "export"
+    out.mkdir()
+    manifest = out / common.EXPORT_FILE
+    manifest.write_text(text if text is not None else json.dumps({"format": orbax_q4_0.FORMAT, "tensors": {}}))
+    before = manifest.read_bytes()
+    assert cli.main(["inspect", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(manifest) in err and needle in err, err
+    assert manifest.read_bytes() == before

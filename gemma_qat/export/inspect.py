@@ -30,9 +30,18 @@ def inspect(path) -> dict:
             raise ValueError(f"{p}: unknown file type (expected .gguf or .safetensors)")
     else:
         info_path = p / common.EXPORT_FILE
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        try:
+            info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        except ValueError as e:
+            raise ValueError(f"{info_path}: not valid JSON ({e}); the export is damaged: export it again") from None
+        if not isinstance(info, dict):
+            raise ValueError(f"{info_path}: not a gemma-qat export manifest (a JSON object expected)")
         if info.get("format") in (orbax_q4_0.FORMAT, mobile.FORMAT):
-            out = _orbax(info)
+            try:
+                out = _orbax(info)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{info_path}: incomplete export manifest ({type(e).__name__}: {e}); export it "
+                                 "again") from None
         elif sorted(p.glob("*.safetensors")):
             out = _safetensors(sorted(p.glob("*.safetensors")), info)
         else:
