@@ -87,6 +87,12 @@ def _experts(x: Array, top_i: Array, top_w: Array, w_gu: Array, w_down: Array, *
     # The weight shards vary over the rows' axes too (data), before the gather: their gradients are then
     # summed over data on the shard, after the reduce-scatter; and tie_gradients sees one type in and out.
     w_gu, w_down = (_vary(w, _vma(x) - _vma(w)) for w in (w_gu, w_down))
+    if ex or emb:
+        # The shards' gradients (the reduce-scatters that transpose the gathers below) leave with the
+        # input's: without this the compiler kept every layer's full-size bf16 expert-weight gradients
+        # ([128, 2816, 704] and [128, 352, 2816] per layer of 26B-A4B) for one combined reduce-scatter
+        # at the end of the backward, 20.6 GiB on v5p-128 (launch/README.md).
+        x, w_gu, w_down = tie_gradients(x, w_gu, w_down)
     if ex:
         w_gu, w_down = (jax.lax.all_gather(w, ex, axis=0, tiled=True) for w in (w_gu, w_down))
     if emb:
