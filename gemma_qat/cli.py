@@ -74,7 +74,8 @@ def _cmd_quantize(args) -> int:
     print(resolution.report())
     meta = {**read_meta(args.checkpoint), "kind": "ptq", "recipe": resolution.recipe.to_dict(),
             "source": str(Path(args.checkpoint).absolute())}
-    save_model(args.out, dequantized_params(config, params, resolution), config, meta=meta, force=args.force)
+    save_model(args.out, dequantized_params(config, params, resolution, args.backend), config, meta=meta,
+               force=args.force)
     print(f"PTQ ({args.recipe}) of {args.checkpoint} → {args.out}")
     return 0
 
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", required=True, help="q4_0, mobile, mobile-e2b or mobile-e4b")
     s.add_argument("--out", required=True)
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
+    s.add_argument("--backend", choices=("formats", "aqt"), default="formats",
+                   help="who computes the fake-quant: formats.py or AQT (aqtp); the same bytes either way")
     s.set_defaults(fn=_cmd_quantize)
 
     s = sub.add_parser("demo", help="the embedded default: runs on CPU with no downloads")

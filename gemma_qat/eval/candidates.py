@@ -121,8 +121,10 @@ def from_checkpoint(name: str, path, *, recipe: str | None = None, dtype=jnp.flo
     from gemma_qat.export.common import load_student  # the exporters' reading of a student, shared
 
     config, params, res, scales = load_student(path, recipe)
-    return jax_candidate(name, "qat", str(path), config, params, quant=RecipePolicy(res), quant_scales=scales,
-                         recipe=res.recipe.name, dtype=dtype)
+    # The backend the student trained under (its run config): the same numbers, the same code path.
+    backend = ((meta.get("run_config") or {}).get("quant") or {}).get("backend", "formats")
+    return jax_candidate(name, "qat", str(path), config, params, quant=RecipePolicy(res, backend=backend),
+                         quant_scales=scales, recipe=res.recipe.name, dtype=dtype)
 
 
 def from_export(name: str, path, *, dtype=jnp.float32) -> Candidate:

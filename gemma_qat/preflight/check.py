@@ -172,7 +172,7 @@ def _plan(cfg, mesh, s_cfg, t_cfg, tx, policy, abstract_state, cache_k: int = 0)
 def _policy(cfg: RunConfig, s_cfg):
     """The loop's policy; a recipe with static activation scales gets placeholders (the loop calibrates
     them on data before its first step; their values are constants of the program, not shapes)."""
-    policy = resolve_policy(cfg.quant.recipe, s_cfg, cfg.quant.q4_0_impl)
+    policy = resolve_policy(cfg.quant.recipe, s_cfg, cfg.quant.q4_0_impl, cfg.quant.backend)
     if isinstance(policy, RecipePolicy) and policy.act_int8 and policy.static_scales is None:
         policy = RecipePolicy(policy.resolution, backend=policy.backend, q4_0_impl=policy.q4_0_impl,
                               static_scales=placeholder_scales(s_cfg, policy.resolution))

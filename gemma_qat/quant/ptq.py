@@ -15,14 +15,18 @@ from gemma_qat.quant.policy import weight_axes, weight_in_axes
 from gemma_qat.quant.recipe import Resolution
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _fake_quant(w, fmt: str, axes):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _fake_quant(w, fmt: str, axes, backend: str = "formats"):
     # One jitted function for every tensor: tensors of the same shape, format and axes (every layer
     # of a kind) share one compilation instead of compiling per tensor.
+    if backend == "aqt":
+        from gemma_qat.quant.aqt_backend import aqt_fake_quant
+        return aqt_fake_quant(w, weight_format=fmt, in_axes=(axes,) if isinstance(axes, int) else axes)
     return formats.get_format(fmt).fake_quant(w, axes)
 
 
-def dequantized_params(config: ModelConfig, params: dict, resolution: Resolution) -> dict:
+def dequantized_params(config: ModelConfig, params: dict, resolution: Resolution, backend: str = "formats") -> dict:
+    """backend: "formats" or "aqt" (quant/policy.py BACKENDS); the same bytes either way."""
     axes = weight_in_axes(config)
     flat = traverse_util.flatten_dict(params)
     out = {}
@@ -32,5 +36,5 @@ def dequantized_params(config: ModelConfig, params: dict, resolution: Resolution
         if fmt == "float":
             out[key] = w
         else:
-            out[key] = _fake_quant(w, fmt, weight_axes(fmt, axes[path]))
+            out[key] = _fake_quant(w, fmt, weight_axes(fmt, axes[path]), backend)
     return traverse_util.unflatten_dict(out)

@@ -6,7 +6,8 @@
     [data]        spec, tokenizer, seq_len, global_batch_size, seed
     [optimizer]   AdamW + warmup/cosine, clipping, accumulation, dtypes
     [distill]     temperature / alpha and their schedules, loss chunk size, loss_impl (xla | pallas | auto)
-    [quant]       student quantization recipe name (`none` = float student); q4_0_impl (xla | pallas | auto)
+    [quant]       student quantization recipe name (`none` = float student); q4_0_impl (xla | pallas | auto);
+                  backend (formats | aqt: who computes the fake-quant, same bits)
     [mesh]        sharding.MeshConfig fields (data, fsdp, tensor, expert, recipe)
     [checkpoint]  where and how often, how many to keep
     [logging]     cadence, TensorBoard, peak FLOP/s for MFU
@@ -29,6 +30,7 @@ from typing import Sequence
 from gemma_qat.model.attention import ATTENTION_IMPLS
 from gemma_qat.model.transformer import REMAT_POLICIES
 from gemma_qat.loss_kernel import IMPLS as LOSS_IMPLS
+from gemma_qat.quant.policy import BACKENDS as QUANT_BACKENDS
 from gemma_qat.quant.q4_0_kernel import IMPLS as Q4_0_IMPLS
 from gemma_qat.sharding import MeshConfig
 from gemma_qat.train import config_io
@@ -106,6 +108,9 @@ class DistillSection:
 class QuantSection:
     recipe: str = "none"  # resolved by train/policy.py (registry, then gemma_qat.quant.recipe)
     q4_0_impl: str = "auto"  # xla | pallas | auto (quant/q4_0_kernel.py: the one-pass kernel on one GPU)
+    # formats | aqt: who computes the weight fake-quant (quant/policy.py); the same bits either way,
+    # so checkpoints and exports do not depend on it. q4_0_impl applies to the formats backend.
+    backend: str = "formats"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +200,7 @@ def _problems(c: RunConfig) -> list[str]:
     _choice(p, "remat", c.remat, REMAT_POLICIES)
     _choice(p, "attention", c.attention, ATTENTION_IMPLS)
     _choice(p, "quant.q4_0_impl", c.quant.q4_0_impl, Q4_0_IMPLS)
+    _choice(p, "quant.backend", c.quant.backend, QUANT_BACKENDS)
     _choice(p, "distill.loss_impl", s.loss_impl, LOSS_IMPLS)
     _choice(p, "optimizer.param_dtype", o.param_dtype, DTYPES)
     _choice(p, "optimizer.compute_dtype", o.compute_dtype, DTYPES)

@@ -98,7 +98,8 @@ def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) 
             state_lib.check_teacher(checkpoint.load_config(cfg.teacher.checkpoint), s_cfg, cfg.teacher.checkpoint)
         spec, tokenizer = inputs.resolve(cfg, s_cfg.vocab_size)
         tokenizer_name = tokenizer.name
-    policy = quant_policy if quant_policy is not None else resolve_policy(cfg.quant.recipe, s_cfg, cfg.quant.q4_0_impl)
+    q = cfg.quant
+    policy = quant_policy if quant_policy is not None else resolve_policy(q.recipe, s_cfg, q.q4_0_impl, q.backend)
     if jax.process_index() == 0:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 

@@ -28,12 +28,13 @@ def register_policy(name: str, factory: PolicyFactory) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def recipe_policy(name: str, config: ModelConfig, q4_0_impl: str = "auto") -> RecipePolicy:
-    """A preset recipe resolved for `config` (cached: the same policy object keeps compiled steps)."""
-    return RecipePolicy(resolve(get_recipe(name, config), config), q4_0_impl=q4_0_impl)
+def recipe_policy(name: str, config: ModelConfig, q4_0_impl: str = "auto", backend: str = "formats") -> RecipePolicy:
+    """A preset recipe resolved for `config` (cached: the same policy object keeps compiled steps).
+    backend: "formats" or "aqt" (quant/policy.py BACKENDS), the fake-quant's implementation."""
+    return RecipePolicy(resolve(get_recipe(name, config), config), q4_0_impl=q4_0_impl, backend=backend)
 
 
-def resolve_policy(name: str, config: ModelConfig, q4_0_impl: str = "auto") -> QuantPolicy:
+def resolve_policy(name: str, config: ModelConfig, q4_0_impl: str = "auto", backend: str = "formats") -> QuantPolicy:
     if name in _REGISTRY:
         return _REGISTRY[name](config)
-    return recipe_policy(name, config, q4_0_impl)
+    return recipe_policy(name, config, q4_0_impl, backend)
