@@ -149,7 +149,15 @@ def load_model(ckpt_dir, *, dtype=None, shardings=None) -> tuple[ModelConfig, di
 
 def read_meta(ckpt_dir) -> dict:
     path = Path(ckpt_dir) / META_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is corrupt: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is corrupt: a JSON object expected")
+    return meta
 
 
 def check_tree(params: dict, config: ModelConfig) -> None:

@@ -161,3 +161,25 @@ def test_a_damaged_export_manifest_is_one_line(tmp_path, capsys, text, needle):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(manifest) in err and needle in err, err
     assert manifest.read_bytes() == before
+
+
+def test_an_array_record_source_checks_its_first_records_when_it_opens(tmp_path):
+    ar = pytest.importorskip("array_record.python.array_record_module")
+    from gemma_qat.data.sources import ArrayRecordSource
+
+    path = tmp_path / "x.array_record"
+    w = ar.ArrayRecordWriter(str(path), "group_size:1")
+    for i in range(3):
+        w.write(json.dumps({"body": f"doc {i}"}).encode())
+    w.close()
+    with pytest.raises(ValueError, match=r"record 1: no 'text' field .* its fields are \['body'\]"):
+        ArrayRecordSource([str(path)])
+    assert len(ArrayRecordSource([str(path)], field="body")) == 3
+
+
+def test_a_corrupt_meta_file_names_itself(tmp_path):
+    from gemma_qat.checkpoint import read_meta
+
+    (tmp_path / "meta.json").write_text('{"kind": "qat", ')
+    with pytest.raises(ValueError, match=r"meta.json is corrupt"):
+        read_meta(tmp_path)

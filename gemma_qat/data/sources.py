@@ -84,7 +84,7 @@ def check_record(record: Any, field: str, where: str) -> None:
                          f"{type(record).__name__}")
     if field not in record and "messages" not in record:
         raise ValueError(f"{where}: no {field!r} field (nor a chat 'messages' list); its fields are "
-                         f"{sorted(record)}. Fix: name the field in data.spec, e.g. jsonl:FILE#field=NAME")
+                         f"{sorted(record)}. Fix: name the field in data.spec with #field=NAME (e.g. jsonl:FILE#field=body)")
 
 
 def expand_paths(pattern: str) -> list[str]:
@@ -189,6 +189,16 @@ class ArrayRecordSource:
             raise ValueError(f"arrayrecord format must be auto/text/json, got {format!r}")
         self._paths, self._field, self._format = list(paths), field, format
         self._src = grain.sources.ArrayRecordDataSource(self._paths)
+        if len(self._src) == 0:
+            raise ValueError(f"data files {self._paths} hold no records")
+        for k in range(min(3, len(self._src))):  # the first records, when the source opens
+            raw = self._src[k]
+            if self._format == "json" or (self._format == "auto" and raw.lstrip()[:1] == b"{"):
+                try:
+                    record = json.loads(raw)
+                except ValueError as e:
+                    raise ValueError(f"data files {self._paths}, record {k + 1}: not valid JSON ({e})") from None
+                check_record(record, field, f"data files {self._paths}, record {k + 1}")
 
     def __len__(self) -> int:
         return len(self._src)
