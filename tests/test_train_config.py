@@ -122,3 +122,14 @@ def test_cli_train_reports_config_errors_in_one_line(capsys):
     rc = cli.main(["train", "--config", str(REPO / "configs" / "tiny.toml"), "optimizer.lr=fast"])
     assert rc == 2
     assert "gemma-qat train: error: config key optimizer.lr expects float, got 'fast'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,shown", [("optimizer.lr=nan", "nan"), ("optimizer.lr=inf", "inf"),
+                                            ("distill.temperature=-inf", "-inf")])
+def test_cli_train_rejects_non_finite_floats_in_one_line(capsys, tmp_path, override, shown):
+    from gemma_qat import cli
+    key = override.split("=")[0]
+    rc = cli.main(["train", "--config", str(REPO / "configs" / "tiny.toml"), f"run_dir={tmp_path}/run", override])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and f"{key}={shown} must be a finite number" in err, err
+    assert not (tmp_path / "run").exists()  # rejected before anything is written
