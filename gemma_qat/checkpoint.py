@@ -21,8 +21,8 @@ from gemma_qat.model.params import abstract_params, flat_shapes
 
 CONFIG_FILE = "model_config.json"
 META_FILE = "meta.json"
-log = logging.getLogger(__name__)
 PARAMS_DIR = "params"
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager

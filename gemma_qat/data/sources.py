@@ -74,6 +74,15 @@ def record_to_text(record: Any, field: str = "text") -> str:
     raise TypeError(f"Unsupported record type {type(record).__name__}")
 
 
+def check_raw_record(raw: bytes, field: str, where: str) -> None:
+    """check_record on a record as stored (one JSON object), naming `where` when it does not parse."""
+    try:
+        record = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    check_record(record, field, where)
+
+
 def check_record(record: Any, field: str, where: str) -> None:
     """ValueError naming `where`, the field expected and the fields found, unless record_to_text can
     read the record."""
@@ -152,12 +161,7 @@ class JsonlSource:
         with open(path, "rb") as f:
             for k, off in enumerate(offsets[:n]):
                 f.seek(off)
-                line = f.readline()
-                try:
-                    record = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"data file {path}, record {k + 1}: not valid JSON ({e})") from None
-                check_record(record, self._field, f"data file {path}, record {k + 1}")
+                check_raw_record(f.readline(), self._field, f"data file {path}, record {k + 1}")
 
     def __len__(self) -> int:
         return self._cum[-1]
@@ -194,11 +198,7 @@ class ArrayRecordSource:
         for k in range(min(3, len(self._src))):  # the first records, when the source opens
             raw = self._src[k]
             if self._format == "json" or (self._format == "auto" and raw.lstrip()[:1] == b"{"):
-                try:
-                    record = json.loads(raw)
-                except ValueError as e:
-                    raise ValueError(f"data files {self._paths}, record {k + 1}: not valid JSON ({e})") from None
-                check_record(record, field, f"data files {self._paths}, record {k + 1}")
+                check_raw_record(raw, field, f"data files {self._paths}, record {k + 1}")
 
     def __len__(self) -> int:
         return len(self._src)

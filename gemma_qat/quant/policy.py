@@ -95,8 +95,7 @@ class RecipePolicy:
             return w
         if self.backend == "aqt":
             from gemma_qat.quant.aqt_backend import aqt_fake_quant
-            axes = weight_axes(fmt, in_axes)
-            axes = (axes,) if isinstance(axes, int) else axes
+            axes = weight_axes(fmt, in_axes)  # an int or a tuple: aqt_backend takes either
             # AQT's own straight-through gradient lives in its dot_general; used on the weight alone
             # its dequant has zero gradient, so wrap it in the same identity VJP as formats.py.
             return formats.straight_through(lambda v: aqt_fake_quant(v, weight_format=fmt, in_axes=axes), w)

@@ -21,7 +21,7 @@ def _fake_quant(w, fmt: str, axes, backend: str = "formats"):
     # of a kind) share one compilation instead of compiling per tensor.
     if backend == "aqt":
         from gemma_qat.quant.aqt_backend import aqt_fake_quant
-        return aqt_fake_quant(w, weight_format=fmt, in_axes=(axes,) if isinstance(axes, int) else axes)
+        return aqt_fake_quant(w, weight_format=fmt, in_axes=axes)
     return formats.get_format(fmt).fake_quant(w, axes)
 
 
