@@ -183,3 +183,16 @@ def test_a_corrupt_meta_file_names_itself(tmp_path):
     (tmp_path / "meta.json").write_text('{"kind": "qat", ')
     with pytest.raises(ValueError, match=r"meta.json is corrupt"):
         read_meta(tmp_path)
+
+
+def test_the_bounds_checks_accept_a_file_the_safetensors_library_wrote(tmp_path):
+    """An independent writer: the checks of safetensors_hf.read_header must not reject a valid file."""
+    st = pytest.importorskip("safetensors.numpy")
+    from gemma_qat.export.safetensors_hf import read_header
+
+    path = tmp_path / "lib.safetensors"
+    st.save_file({"a": np.ones((4, 8), np.float32), "b": np.arange(6, dtype=np.int64).reshape(2, 3),
+                  "c": np.zeros(5, np.float16)}, str(path))
+    header, start = read_header(path)
+    assert sorted(header) == ["a", "b", "c"] and header["b"]["shape"] == [2, 3]
+    assert start + max(h["data_offsets"][1] for h in header.values()) == path.stat().st_size
