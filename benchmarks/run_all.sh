@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole BENCHMARKS.md matrix in one go on one GPU: the MoE grouped-matmul tile sweep, the Q4_0 fake-quant
 # micro-benchmark, bench-1b (all modes, profiled; QAT again with the XLA Q4_0 path), E2B full size and 26B-A4B
-# at 4 layers (each with the remat it needs on 80 GB), then the PyTorch peer on all three
-# (E2B and 26B-A4B-4l through bench_peer.py), on the same card in the same run. Cold, it needs more than one 10-minute device call: with a fresh
+# at 4 layers (each with the remat it needs on 80 GB), then the PyTorch peer on all three (E2B and
+# 26B-A4B-4l through bench_peer.py), bench-1b also under torch.compile, on the same card in the same run.
+# Cold, it needs more than one 10-minute device call: with a fresh
 # autotune cache each big config compiles in 1.5 to 5 minutes per mode.
 #
 #   bash benchmarks/run_all.sh OUT_DIR [PEER_SCRIPT]      # PEER_SCRIPT: shared/bench/peer_torchao_qat.py
@@ -46,6 +47,13 @@ if [[ -n "$peer" ]]; then
   echo "== peer: $peer"
   timeout "$limit" "$py" "$peer" --config bench-1b --batch 2 --seq 2048 --steps 6 2>&1 | tee "$out/peer.txt" \
     | grep -E '^(plain|qat|PEER)'
+  # torch.compile: the peer a performance-minded user runs, and the ratios BENCHMARKS.md quotes first. One
+  # process per mode, so a compile that outruns its limit costs that mode only (QAT + teacher: ~4 min).
+  for m in plain qat qat+teacher; do
+    echo "== peer compiled $m"
+    TORCHINDUCTOR_CACHE_DIR="$out/inductor" timeout "$limit" "$py" "$peer" --config bench-1b --batch 2 --seq 2048 \
+      --steps 6 --compile --modes $m 2>&1 | tee "$out/peer-compiled-${m/+/_}.txt" | grep -E '^(plain|qat|PEER)'
+  done
   for c in e2b 26b-a4b-4l; do  # configs the peer script lacks, through our HF config mapping
     echo "== peer $c"
     timeout "$limit" "$py" "$here/bench_peer.py" "$peer" --config $c --batch 2 --seq 2048 --steps 4 2>&1 \

@@ -100,3 +100,20 @@ def test_bench_checksums_saves_seals_and_verifies(tmp_path):
     row = _run("bench_checksums.py", "--params", "600000", "--leaves", "4", "--dir", str(tmp_path / "ck"))
     assert row["verify_ok"] and row["params"] == 600000
     assert row["checkpoint_bytes"] > 3 * 600000 * 4 * 0.5  # params and two moments, fp32
+
+
+def test_compare_table_puts_ours_beside_the_compiled_and_eager_peer(tmp_path):
+    row = lambda mode, step, mfu: {"config": "bench-1b", "mode": mode, "step_s": step, "tokens_per_s": 4096 / step,
+                                    "mfu": mfu, "device": "NVIDIA H200"}
+    (tmp_path / "ours.txt").write_text("noise\nJSON " + json.dumps([row("plain", 0.1, 0.4), row("qat+teacher", 0.2, 0.4)]))
+    (tmp_path / "ours-pipeline.txt").write_text("JSON " + json.dumps([row("qat+teacher", 0.25, 0.32)]))
+    peer = {"plain": {"tokens_per_s": 4096 / 0.2, "mfu": 0.2}, "qat+teacher": {"tokens_per_s": 4096 / 0.5, "mfu": 0.16},
+            "qat": {"error": "OutOfMemoryError"}}
+    # The peer prints each mode as it finishes; a run cut short has no closing PEER line.
+    (tmp_path / "peer-compiled.txt").write_text("".join(f"{m} {json.dumps(r)}\n" for m, r in peer.items()))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_table.py"), str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert "2.00× | – |" in lines["plain"]  # 0.2 s against 0.1 s; no eager file
+    assert "2.50×" in lines["qat+teacher"] and "2.00×" in lines["qat+teacher, pipeline step"]
+    assert "NVIDIA H200" in out
