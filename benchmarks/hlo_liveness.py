@@ -5,11 +5,12 @@ jax op_name with the layer number folded, largest first.
     python benchmarks/hlo_liveness.py runs/pod/hlo/e2b-q4_0-8xH100.hlo.gz --top 25
     python benchmarks/hlo_liveness.py STEP.hlo.gz --shape "f32[4,1,4096,4096,4]"   # each such buffer
 
-A diagnostic, not a memory number: it counts every non-aliasing instruction's result from its
-definition to its last use in schedule order, ignores buffer reuse inside fusions, in-place updates
-and loop bodies, and so overcounts (E2B on 8xH100: 29.7 GiB here against the compiler's 19.5 GiB
-peak). What it is for is finding buffers that live far longer than their layer: it is how the
-deferred gradient matmuls behind `layers.tie_gradients` were found (launch/README.md).
+A diagnostic, not a memory number: it counts every non-aliasing instruction's result (each element of
+a multi-output fusion's tuple on its own) from its definition to its last use in schedule order, and
+ignores buffer reuse inside fusions, in-place updates, loop bodies and the allocator's padding and
+fragmentation, so it differs from the compiler's figure both ways (E2B on v5p-16: 6.93 GiB here against
+libtpu's 8.98 GiB temp). What it is for is finding buffers that live far longer than their layer: it is
+how the deferred gradient matmuls behind `layers.tie_gradients` were found (launch/README.md).
 """
 
 from __future__ import annotations
@@ -35,25 +36,40 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 def liveness(text: str) -> dict:
-    """{'peak_bytes', 'at', 'instructions', 'live': [(bytes, name, shape, opcode, op_name)]} for the entry."""
+    """{'peak_bytes', 'at', 'instructions', 'live': [(bytes, name, shape, opcode, op_name)]} for the entry.
+    A multi-output fusion's tuple counts per element (`name#k`): its outputs are separate buffers, and a
+    small one kept to the end of the step (a norm scale's gradient) does not keep its large siblings."""
     module = hlo.parse(text)
     insts = module.computations[module.entry].instructions
     roots: dict[str, set[str]] = {}
+    elements: dict[str, list[str]] = {}  # a tuple-shaped result's element buffers, in order
     size: dict[str, float] = {}
+    shape: dict[str, str] = {}
     defined: dict[str, int] = {}
     for i, ins in enumerate(insts):
+        if ins.opcode == "get-tuple-element" and ins.operands[0] in elements:
+            roots[ins.name] = {elements[ins.operands[0]][int(ins.attr("index"))]}
+            continue
         if ins.opcode in _ALIASING:
             roots[ins.name] = set().union(*(roots.get(o, set()) for o in ins.operands))
             continue
         arrays = hlo.arrays(ins.shape)
         if ins.opcode.endswith("-start") and len(arrays) > 1:  # async start: (operands, result) tuple
-            dtype, dims = arrays[-1]
-            size[ins.name] = hlo.dtype_bytes(dtype) * math.prod(dims)
+            parts = [(ins.name, arrays[-1])]
+        elif ins.shape.startswith("(") and len(arrays) > 1:
+            parts = [(f"{ins.name}#{k}", a) for k, a in enumerate(arrays)]
+            elements[ins.name] = [n for n, _ in parts]
         else:
-            size[ins.name] = hlo.nbytes(ins.shape)
-        defined[ins.name], roots[ins.name] = i, {ins.name}
+            parts = [(ins.name, None)]
+        for n, a in parts:
+            size[n] = hlo.nbytes(ins.shape) if a is None else hlo.dtype_bytes(a[0]) * math.prod(a[1])
+            shape[n] = ins.shape.split("{")[0] if a is None else f"{a[0]}[{','.join(map(str, a[1]))}]"
+            defined[n] = i
+        roots[ins.name] = {n for n, _ in parts}
     last = {n: defined[n] for n in size}
     for i, ins in enumerate(insts):
+        if ins.opcode == "get-tuple-element" and ins.operands[0] in elements:
+            continue  # picks one element; its own users extend that element's life
         for o in ins.operands:
             for r in roots.get(o, ()):
                 last[r] = max(last[r], i)
@@ -73,9 +89,9 @@ def liveness(text: str) -> dict:
     live = []
     for n in size:
         if defined[n] <= at <= last[n]:
-            ins = by_name[n]
+            ins = by_name[n.split("#")[0]]
             m = _OP_NAME.search(ins.attrs)
-            live.append((size[n], n, ins.shape.split("{")[0], ins.opcode, m.group(1) if m else ""))
+            live.append((size[n], n, shape[n], ins.opcode, m.group(1) if m else ""))
     live.sort(reverse=True)
     return {"peak_bytes": peak, "at": insts[min(at, len(insts) - 1)].name, "instructions": len(insts), "live": live}
 

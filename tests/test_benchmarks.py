@@ -117,3 +117,38 @@ def test_compare_table_puts_ours_beside_the_compiled_and_eager_peer(tmp_path):
     assert "2.00× | – |" in lines["plain"]  # 0.2 s against 0.1 s; no eager file
     assert "2.50×" in lines["qat+teacher"] and "2.00×" in lines["qat+teacher, pipeline step"]
     assert "NVIDIA H200" in out
+
+
+def test_hlo_liveness_counts_a_multi_output_fusion_per_element(tmp_path):
+    # The fusion's large output dies at its one user; its small output lives to the end. Counting the tuple as
+    # one buffer kept the large output live at the peak (how 34 layers' bf16 [B, T, D] appeared to be kept).
+    (tmp_path / "t.hlo").write_text(TUPLE_HLO)
+    res = _run("hlo_liveness.py", str(tmp_path / "t.hlo"), "--top", "5")
+    assert res["peak_bytes"] == 2 * 4096 * 4 + 4  # concatenate and tanh, plus the small output
+    assert {(r["shape"], r["opcode"]) for r in res["top"]} == {("f32[4096]", "tanh"), ("f32[4096]", "concatenate"),
+                                                               ("f32[1]", "fusion")}
+
+
+TUPLE_HLO = """HloModule m, entry_computation_layout={(f32[1024]{0})->f32[1]{0}}
+
+%fused (p: f32[1024]) -> (f32[1], f32[1024]) {
+  %p = f32[1024]{0} parameter(0)
+  %z = f32[] constant(0)
+  %r = f32[] reduce(%p, %z), dimensions={0}, to_apply=%add
+  %rb = f32[1]{0} broadcast(%r), dimensions={}
+  %n = f32[1024]{0} negate(%p)
+  ROOT %t = (f32[1]{0}, f32[1024]{0}) tuple(%rb, %n)
+}
+
+ENTRY %main (x: f32[1024]) -> f32[1] {
+  %x = f32[1024]{0} parameter(0)
+  %fus = (f32[1]{0}, f32[1024]{0}) fusion(%x), kind=kLoop, calls=%fused
+  %big = f32[1024]{0} get-tuple-element(%fus), index=1
+  %e = f32[1024]{0} exponential(%big)
+  %f = f32[4096]{0} concatenate(%e, %e, %e, %e), dimensions={0}
+  %g = f32[4096]{0} tanh(%f)
+  %small = f32[1]{0} get-tuple-element(%fus), index=0
+  %s = f32[1]{0} slice(%g), slice={[0:1]}
+  ROOT %out = f32[1]{0} add(%small, %s)
+}
+"""
