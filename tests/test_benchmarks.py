@@ -152,3 +152,14 @@ ENTRY %main (x: f32[1024]) -> f32[1] {
   ROOT %out = f32[1]{0} add(%small, %s)
 }
 """
+
+
+def test_hlo_traffic_counts_kernel_operands_and_results_by_part(tmp_path):
+    # Per kernel, its operands and its result: a gather of tuple elements or the fusion's insides add nothing.
+    (tmp_path / "t.hlo").write_text(TUPLE_HLO)
+    res = _run("hlo_traffic.py", str(tmp_path / "t.hlo"), "--top", "10")
+    e = 1024 * 4  # bytes of an f32[1024]
+    fusion, exp_, concat, tanh, slice_, add = e + 4 + e, 2 * e, 4 * e + 4 * e, 2 * 4 * e, 4 * e + 4, 12
+    assert res["total_bytes"] == fusion + exp_ + concat + tanh + slice_ + add
+    assert sum(res["by_kind"].values()) == res["total_bytes"]
+    assert [r["bytes"] for r in res["top"]] == sorted((r["bytes"] for r in res["top"]), reverse=True)
