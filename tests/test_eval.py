@@ -125,7 +125,7 @@ def test_ptq_candidate_is_the_fake_quant_policy(tmp_path):
     ours = _full_logits(cfg, ptq.variables["params"], [b])[0]
     policy = _full_logits(cfg, p, [b], quant=RecipePolicy(res))[0]
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(policy))
-    from gemma_qat.distill import logits_from_hidden  # and hidden+table is that same model's head
+    from gemma_qat.loss.distill import logits_from_hidden  # and hidden+table is that same model's head
     np.testing.assert_allclose(logits_from_hidden(h, table, softcap=cfg.final_softcap), policy, rtol=1e-4, atol=1e-4)
     # a `gemma-qat quantize`-style checkpoint (kind ptq) loads as the same candidate
     ck = _ckpt(tmp_path, "ptq", ptq.variables["params"], {"kind": "ptq", "recipe": res.recipe.to_dict()})

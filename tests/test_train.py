@@ -124,7 +124,7 @@ def test_q4_0_qat_run_writes_an_exportable_student(tmp_path):
     held-out batch its KL to the teacher falls, and <run_dir>/model records the recipe that export
     reads back."""
     from gemma_qat.checkpoint import load_model
-    from gemma_qat.distill import chunked_distill_loss
+    from gemma_qat.loss.distill import chunked_distill_loss
     from gemma_qat.export.common import load_student
     from gemma_qat.model.transformer import Transformer
     from gemma_qat.train.policy import recipe_policy

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from gemma_qat.distill import logits_from_hidden
+from gemma_qat.loss.distill import logits_from_hidden
 from gemma_qat.eval.candidates import Candidate
 from gemma_qat.quant import formats
 from gemma_qat.quant.policy import weight_axes, weight_in_axes

@@ -1,6 +1,6 @@
 """Fused head + loss: the logits, the loss and the loss's gradient in one chunked pass.
 
-The autodiff path (distill.py with remat) runs each [B, c, V] logits chunk three times for the
+The autodiff path (loss/distill.py with remat) runs each [B, c, V] logits chunk three times for the
 student (forward, recompute, backward) and twice for the teacher, and walks the fp32 logits in many
 separate elementwise passes. Here the loss is a scalar, so its gradient with respect to the logits
 is known in closed form during the forward: per chunk we form the student (and teacher) logits once,
@@ -17,9 +17,9 @@ dL/dE (+= dzᵀ · h, [V, D]). The backward only scales those by the incoming co
     dL/dz = dL/ds · (1 − (s/c)²)
 
 (the KL terms carry T² · (1/T) from Hinton's scaling and the temperature's chain rule). Loss values and
-aux metrics are those of distill.py's autodiff losses; aux is for logging and carries no gradient.
+aux metrics are those of loss/distill.py's autodiff losses; aux is for logging and carries no gradient.
 With `impl` auto on one GPU (or "pallas"), the "kl" and "ce" passes over each chunk's logits run as
-loss_kernel.py's two kernels (same math, tested against this file's XLA path); "topk" stays on XLA.
+loss/kernel.py's two kernels (same math, tested against this file's XLA path); "topk" stays on XLA.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gemma_qat import loss_kernel, sharding
+from gemma_qat import sharding
+from gemma_qat.loss import kernel as loss_kernel
 
 Array = jax.Array
 # Finite stand-in for −inf when masking logits: keeps logsumexp and its gradient finite even if every
