@@ -34,8 +34,8 @@ def _cmd_import_hf(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from gemma_qat.checkpoint import save_model
-    from gemma_qat.hf import load_hf
+    from gemma_qat.model.checkpoint import save_model
+    from gemma_qat.hf.importer import load_hf
 
     dtype = {"keep": None, "bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     config, params = load_hf(args.hf_dir, dtype=dtype)
@@ -49,8 +49,8 @@ def _cmd_import_hf(args) -> int:
 def _cmd_logits(args) -> int:
     import numpy as np
 
-    from gemma_qat.inference import forward_logits
-    from gemma_qat.checkpoint import load_model
+    from gemma_qat.model.inference import forward_logits
+    from gemma_qat.model.checkpoint import load_model
 
     tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
     config, params = load_model(args.checkpoint)
@@ -65,7 +65,7 @@ def _cmd_logits(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    from gemma_qat.checkpoint import load_model, read_meta, save_model
+    from gemma_qat.model.checkpoint import load_model, read_meta, save_model
     from gemma_qat.quant.ptq import dequantized_params
     from gemma_qat.quant.recipe import get_recipe, resolve
 

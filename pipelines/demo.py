@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from gemma_qat.checkpoint import load_model, read_meta, save_model
+from gemma_qat.model.checkpoint import load_model, read_meta, save_model
 from gemma_qat.quant.policy import calibrate
 from gemma_qat.quant.ptq import dequantized_params
 from gemma_qat.quant.recipe import get_recipe, resolve

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_qat.checkpoint import save_model
+from gemma_qat.model.checkpoint import save_model
 from gemma_qat.data import build_python_corpus, train_sentencepiece
 from gemma_qat.data.packing import pack_documents, stack_rows
 from gemma_qat.eval import candidates as C

@@ -16,12 +16,12 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from gemma_qat.checkpoint import save_model
+from gemma_qat.model.checkpoint import save_model
 from gemma_qat.export import common, mobile, orbax_q4_0, safetensors_hf
 from gemma_qat.export.inspect import format_inspect, inspect
-from gemma_qat.hf import load_hf
-from gemma_qat.hf_layout import tensor_maps
-from gemma_qat.inference import forward_logits
+from gemma_qat.hf.importer import load_hf
+from gemma_qat.hf.layout import tensor_maps
+from gemma_qat.model.inference import forward_logits
 from gemma_qat.model.config import E2B, get_config
 from gemma_qat.model.params import abstract_params
 from gemma_qat.model.transformer import Transformer

@@ -2,7 +2,7 @@
 packed layout of each weight format (one definition for writers, loaders and byte reports), and the
 on-disk frame of our Orbax exports (export.json + model_config.json + tensors/ + tokenizer).
 
-Student checkpoint convention (a gemma-qat model checkpoint, see checkpoint.py):
+Student checkpoint convention (a gemma-qat model checkpoint, see model/checkpoint.py):
   DIR/params/, DIR/model_config.json, DIR/meta.json  -- meta["recipe"] = Recipe.to_dict() (optional:
       a `recipe` override names a preset when meta has none), meta["step"] = training step (optional);
   DIR/quant_scales.json  -- optional, the static activation scales (`quant_scales` collection) as
@@ -27,8 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from gemma_qat.checkpoint import CONFIG_FILE, atomic_dir, load_model, read_meta
-from gemma_qat.hf_layout import tensor_maps
+from gemma_qat.model.checkpoint import CONFIG_FILE, atomic_dir, load_model, read_meta
+from gemma_qat.hf.layout import tensor_maps
 from gemma_qat.model.config import ModelConfig
 from gemma_qat.model.params import abstract_params, flat_shapes
 from gemma_qat.model.transformer import Transformer

@@ -28,7 +28,8 @@ from flax import linen as nn
 from flax import traverse_util
 from jax.sharding import AbstractMesh, Mesh
 
-from gemma_qat import checkpoint, devices, sharding
+from gemma_qat import devices, sharding
+from gemma_qat.model import checkpoint
 from gemma_qat.preflight import compilers, layout, memory as preflight_memory, performance
 from gemma_qat.model import scan
 from gemma_qat.model.config import get_config

@@ -26,7 +26,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gemma_qat import checkpoint, sharding
+from gemma_qat import sharding
+from gemma_qat.model import checkpoint
 from gemma_qat.model.layers import QuantPolicy
 from gemma_qat.data import make_eval_batches
 from gemma_qat.export.common import SCALES_JSON, load_quant_scales, save_quant_scales
