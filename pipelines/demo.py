@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from gemma_qat.model.checkpoint import load_model, read_meta, save_model
+from gemma_qat.model.checkpoint import load_model, read_meta, save_model, save_quant_scales
 from gemma_qat.quant.policy import calibrate
 from gemma_qat.quant.ptq import dequantized_params
 from gemma_qat.quant.recipe import get_recipe, resolve
@@ -144,7 +144,7 @@ def _evaluate(work: Path, report: Path, tokenizer: Path, valid: Path) -> None:
 def _exports(work: Path, exports: Path, qat_dir: Path, mobile_dir: Path, teacher_dir: Path, tokenizer: Path,
              data_dir: Path):
     from gemma_qat.data import Tokenizer, make_eval_batches
-    from gemma_qat.export.common import load_student, save_quant_scales
+    from gemma_qat.export.common import load_student
     from gemma_qat.export.gguf import export_gguf
     from gemma_qat.export.mobile import export_mobile
     from gemma_qat.export.orbax_q4_0 import export_q4_0

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gemma_qat.model.checkpoint import load_model, save_model
 from gemma_qat.hf.importer import load_hf
+from gemma_qat.model.checkpoint import load_model, save_model
 from gemma_qat.model.inference import forward_logits
 from hf_fixtures import hf_logits, save_multimodal_model, save_text_model
 

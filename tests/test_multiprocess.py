@@ -19,8 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from gemma_qat.model.checkpoint import load_model
 from gemma_qat.data import make_train_iterator
+from gemma_qat.model.checkpoint import load_model
 from gemma_qat.train import inputs
 from gemma_qat.train.config import load_run_config
 from gemma_qat.train.loop import train

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from gemma_qat.model.checkpoint import load_model
 from gemma_qat.data import Tokenizer, make_train_iterator
 from gemma_qat.loss.distill import teacher_topk, topk_distill_loss
+from gemma_qat.model.checkpoint import load_model
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.train import teacher_cache as tc
 from gemma_qat.train.loop import train

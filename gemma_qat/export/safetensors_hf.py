@@ -18,9 +18,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from gemma_qat.model.checkpoint import atomic_dir
 from gemma_qat.export import common
 from gemma_qat.hf.layout import config_to_hf, tensor_maps
+from gemma_qat.model.checkpoint import atomic_dir
 from gemma_qat.model.config import ModelConfig
 
 FORMAT = "hf-safetensors"

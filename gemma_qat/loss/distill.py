@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# The head's logits and the chunk helpers live in loss/fused.py (both paths use them); logits_from_hidden
-# stays importable from here for eval and generate.
+# The chunk helpers live in loss/fused.py (both paths use them); the head's logits in model/embed.py.
 from gemma_qat.loss.fused import (NEG, chunk_geometry, fused_ce_loss, fused_distill_loss, fused_topk_loss,
-                                  logits_from_hidden, split_chunks)
+                                  split_chunks)
+from gemma_qat.model.embed import logits_from_hidden
 
 Array = jax.Array
 Scalar = Any  # Python float or traced jnp scalar

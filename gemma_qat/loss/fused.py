@@ -32,6 +32,7 @@ from flax import linen as nn
 
 from gemma_qat import sharding
 from gemma_qat.loss import kernel as loss_kernel
+from gemma_qat.model.embed import logits_from_hidden
 
 Array = jax.Array
 # Finite stand-in for −inf when masking logits: keeps logsumexp and its gradient finite even if every
@@ -50,16 +51,6 @@ _GATHERED_TABLE_AXES = ("vocab", None)
 # 4x8xH100: 16.9 GB per step per GPU between hosts; E2B on 8xH100: 19.3 GB). preflight/memory.py counts
 # the fp32 gradient table unsharded over fsdp.
 _PARTIAL_TABLE_AXES = ("act_batch", "vocab", None)
-
-
-def logits_from_hidden(h: Array, embed: Array, *, softcap: float | None) -> Array:
-    """fp32 logits = softcap(h @ embed^T); h [..., D] any float, embed [V, D] (cast to h's dtype, as
-    the model's own head does: bf16 operands, fp32 accumulation, never an fp32 GEMM on bf16 h)."""
-    z = jnp.einsum("...d,vd->...v", h, embed.astype(h.dtype), preferred_element_type=jnp.float32)  # [..., V]
-    z = z.astype(jnp.float32)  # einsum may keep an fp64/other input dtype; pin fp32
-    if softcap is not None:
-        z = softcap * jnp.tanh(z / softcap)
-    return z
 
 
 def chunk_geometry(t: int, chunk_size: int) -> tuple[int, int]:

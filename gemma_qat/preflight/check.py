@@ -29,11 +29,10 @@ from flax import traverse_util
 from jax.sharding import AbstractMesh, Mesh
 
 from gemma_qat import devices, sharding
-from gemma_qat.model import checkpoint
-from gemma_qat.preflight import compilers, layout, memory as preflight_memory, performance
-from gemma_qat.model import scan
+from gemma_qat.model import checkpoint, scan
 from gemma_qat.model.config import get_config
 from gemma_qat.model.params import abstract_params, logical_axes
+from gemma_qat.preflight import compilers, layout, memory as preflight_memory, performance
 from gemma_qat.preflight.report import Report, TensorRow, size
 from gemma_qat.preflight.topologies import Topology, parse
 from gemma_qat.quant.policy import RecipePolicy, check_q4_0_blocks, placeholder_scales

@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_qat import sharding
-from gemma_qat.model import checkpoint
-from gemma_qat.loss import distill
 from gemma_qat.data import Tokenizer, make_train_iterator
 from gemma_qat.data.packing import ROW_KEYS
+from gemma_qat.loss import distill
+from gemma_qat.model import checkpoint
 
 log = logging.getLogger(__name__)
 
