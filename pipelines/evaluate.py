@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -60,70 +59,23 @@ def _pairs(specs: list[str], what: str) -> dict[str, str]:
 
 
 def run_eval(args) -> int:
-    from gemma_qat.data import Tokenizer, check_vocab, make_eval_batches
-    from gemma_qat.eval.candidates import from_checkpoint, load_candidate, ptq_candidate
-    from gemma_qat.eval.metrics import evaluate, quant_errors
-    from gemma_qat.quant.recipe import get_recipe, resolve
+    from gemma_qat.eval.compare import compare
+    from gemma_qat.eval.report import format_table
 
     specs = _pairs(args.candidates, "candidate")  # check every argument before loading anything
     curves = _pairs(args.curves, "curve")
-    if not specs and not args.ptq:
-        raise ValueError("nothing to compare: give --candidates NAME=PATH ... and/or --ptq")
-    for name, path in specs.items():  # fail before the (slow) teacher load
-        if not Path(path).exists():
-            raise FileNotFoundError(f"candidate {name!r}: {path} does not exist")
-    teacher = from_checkpoint("teacher", args.teacher)
-    if teacher.kind != "float":
-        raise ValueError(f"--teacher {args.teacher} is a {teacher.kind} checkpoint; give the float teacher")
-    if "teacher" in specs:
-        raise ValueError("the name 'teacher' is the reference row; choose another candidate name")
-    tok = Tokenizer.load(args.tokenizer)
-    check_vocab(tok, teacher.config.vocab_size)
-    cands = []
-    resolution = resolve(get_recipe(args.recipe, teacher.config), teacher.config)
-    if args.ptq:
-        name = f"ptq-{resolution.recipe.name}"
-        cands.append(ptq_candidate(name, teacher.config, teacher.variables["params"], resolution,
-                                   source=f"PTQ {resolution.recipe.name} of {args.teacher}"))
-    for name, path in specs.items():
-        cands.append(load_candidate(name, path))
-    batches = make_eval_batches(args.data, tok, seq_len=args.seq_len, global_batch_size=args.batch_size,
-                                shard_index=0, shard_count=1, num_batches=args.batches)
-    batches = [b for b in batches if b["loss_mask"].any()]  # num_batches pads short data with empty batches
-    if not batches:
-        raise ValueError(f"--data {args.data} yields no evaluation batches")
     progress = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
-    try:
-        results = evaluate(teacher, cands, batches, chunk_size=args.chunk_size, progress=progress)
-    finally:
-        for c in cands:
-            if c.close:
-                c.close()
-    results["data"] = args.data
-    errors = quant_errors(teacher.config, teacher.variables["params"], resolution)
-    if args.report:
-        from gemma_qat.eval.report import write_report
-        write_report(args.report, results, quant_errors=errors, curves=curves or None,
-                     quant_label=f"teacher weights under {resolution.recipe.name}")
+    results, errors = compare(args.teacher, specs, data=args.data, tokenizer=args.tokenizer, recipe=args.recipe,
+                              ptq=args.ptq, seq_len=args.seq_len, batch_size=args.batch_size,
+                              batches=args.batches, chunk_size=args.chunk_size, report=args.report,
+                              curves=curves, progress=progress)
     if args.json:
         print(json.dumps({**results, "quant_errors": errors[:10]}, indent=1))
     else:
-        print_table(results)
+        print(format_table(results))
         if args.report:
             print(f"report → {args.report}/report.md")
     return 0
-
-
-def print_table(results: dict) -> None:
-    from gemma_qat.eval.report import recovery_sentences
-
-    print(f"{'candidate':16s} {'kind':7s} {'PPL':>10s} {'KL mean':>10s} {'± s.e.':>9s} {'top-1':>7s} {'recovery':>9s}")
-    for r in results["rows"]:
-        rec = "—" if r["recovery"] is None else f"{100 * r['recovery']:.1f}%"
-        print(f"{r['name']:16s} {r['kind']:7s} {r['ppl']:10.4f} {r['kl_mean']:10.4g} {r['kl_sem']:9.2g} "
-              f"{100 * r['top1']:6.2f}% {rec:>9s}")
-    for line in recovery_sentences(results):
-        print(line.replace("`", ""))
 
 
 def run_generate(args) -> int:
