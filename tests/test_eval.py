@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from gemma_qat.cli import build_parser
 from gemma_qat.data import build_python_corpus, train_sentencepiece
 from gemma_qat.data.packing import pack_documents, stack_rows
 from gemma_qat.eval import candidates as C
@@ -22,7 +23,6 @@ from gemma_qat.model.config import get_config
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant.policy import RecipePolicy
 from gemma_qat.quant.recipe import get_recipe, resolve
-from pipelines.evaluate import build_parser
 from model_fixtures import calm_weights, to_params
 
 MODEL = "tiny-31b"

@@ -16,6 +16,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from gemma_qat.cli import build_parser
 from gemma_qat.export import common, mobile, orbax_q4_0, safetensors_hf
 from gemma_qat.export.inspect import format_inspect, inspect
 from gemma_qat.hf.importer import load_hf
@@ -30,7 +31,6 @@ from gemma_qat.quant.policy import RecipePolicy, calibrate
 from gemma_qat.quant.ptq import dequantized_params
 from gemma_qat.quant.recipe import get_recipe, resolve
 from hf_fixtures import hf_logits, save_text_model
-from pipelines.export import build_parser
 
 Q40 = gguf.GGMLQuantizationType.Q4_0
 TOKENS = np.random.default_rng(0).integers(0, 512, (1, 20)).astype(np.int32)  # > the tiny window (8)

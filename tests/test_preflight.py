@@ -17,7 +17,7 @@ from gemma_qat.preflight import compilers, topologies
 from gemma_qat.model.config import get_config
 from gemma_qat.preflight.check import PreflightError, run_preflight
 from gemma_qat.train.config import load_run_config
-from pipelines import preflight as cli
+from gemma_qat.cli import preflight as cli
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 

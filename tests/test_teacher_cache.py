@@ -17,7 +17,7 @@ from gemma_qat.train import teacher_cache as tc
 from gemma_qat.train.loop import train
 from gemma_qat.train.signals import StopFlag
 from gemma_qat.train.state import perturb_params
-from pipelines import teacher_cache as cli
+from gemma_qat.cli import cache_teacher as cli
 from train_helpers import base_config, data_files, teacher_checkpoint
 
 ONE = jax.devices()[:1]

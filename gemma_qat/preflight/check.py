@@ -66,7 +66,7 @@ def _mesh_shape(cfg: RunConfig, topo: Topology) -> tuple[int, ...]:
                              "of them to -1 to take the rest") from None
 
 
-DEFAULT_CACHE_K = 64  # pipelines/teacher_cache.py's --k default, for a cache folder not on this host
+DEFAULT_CACHE_K = 64  # cli/cache_teacher.py's --k default, for a cache folder not on this host
 
 
 def _cache_k(cfg: RunConfig, notes: list[str]) -> int:

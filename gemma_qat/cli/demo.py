@@ -21,20 +21,24 @@ import sys
 import time
 from pathlib import Path
 
-import jax
+# The library is imported inside the functions, as in every command module: building the parser
+# imports this module for every `gemma-qat` command, and jax must not load before train or preflight
+# has prepared it.
 
-from gemma_qat.eval.compare import compare
-from gemma_qat.eval.report import format_table
-from gemma_qat.model.checkpoint import load_model, read_meta, save_model, save_quant_scales
-from gemma_qat.quant.policy import calibrate
-from gemma_qat.quant.ptq import dequantized_params
-from gemma_qat.quant.recipe import get_recipe, resolve
-from gemma_qat.train.config import load_run_config
-from gemma_qat.train.loop import FINAL_MODEL_DIR, train
-
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 TEACHER_STEPS, QAT_STEPS = 400, 200
 STAGES = 7
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser("demo", help="the embedded default: runs on CPU with no downloads")
+    s.add_argument("--workdir", default="runs/demo")
+    s.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
+    s.set_defaults(fn=run)
+
+
+def run(args) -> int:
+    return run_demo(Path(args.workdir), fresh=args.fresh)
 
 
 class _Stage:
@@ -50,6 +54,11 @@ class _Stage:
 
 
 def _train(work: Path, stage: str, overrides: list[str]) -> Path:
+    import jax
+
+    from gemma_qat.train.config import load_run_config
+    from gemma_qat.train.loop import FINAL_MODEL_DIR, train
+
     cfg = load_run_config(CONFIG, [f"run_dir={work / stage}", *overrides])
     # One device: the demo's mesh is 1×1×1×1 whatever the host exposes.
     train(cfg, devices=jax.devices()[:1])
@@ -69,6 +78,12 @@ def _distill(work: Path, stage: str, recipe: str, teacher_dir: Path, data_dir: P
 
 
 def run_demo(work: Path, *, fresh: bool = False) -> int:
+    from gemma_qat.eval.report import format_table
+    from gemma_qat.model.checkpoint import load_model, read_meta, save_model
+    from gemma_qat.quant.ptq import dequantized_params
+    from gemma_qat.quant.recipe import get_recipe, resolve
+    from gemma_qat.train.loop import FINAL_MODEL_DIR
+
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -126,6 +141,10 @@ def run_demo(work: Path, *, fresh: bool = False) -> int:
 
 def _evaluate(work: Path, report: Path, tokenizer: Path, valid: Path) -> None:
     """What `gemma-qat eval` runs (eval.compare), on the demo's artifacts, printed as it prints them."""
+    from gemma_qat.eval.compare import compare
+    from gemma_qat.eval.report import format_table
+    from gemma_qat.train.loop import FINAL_MODEL_DIR
+
     exports = work / "exports"
     candidates = {"qat-q4_0": work / "qat" / FINAL_MODEL_DIR, "export-q4_0": exports / "student-q4_0",
                   "mobile-ptq": exports / "teacher-mobile", "mobile-qat": exports / "student-mobile"}
@@ -150,6 +169,9 @@ def _exports(work: Path, exports: Path, qat_dir: Path, mobile_dir: Path, teacher
     from gemma_qat.export.gguf import export_gguf
     from gemma_qat.export.mobile import export_mobile
     from gemma_qat.export.orbax_q4_0 import export_q4_0
+    from gemma_qat.model.checkpoint import load_model, read_meta, save_model, save_quant_scales
+    from gemma_qat.quant.policy import calibrate
+    from gemma_qat.quant.recipe import get_recipe, resolve
 
     exports.mkdir(parents=True, exist_ok=True)
     export_q4_0(qat_dir, exports / "student-q4_0", tokenizer=tokenizer, force=True)

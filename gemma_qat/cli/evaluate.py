@@ -1,13 +1,11 @@
-"""`gemma-qat eval` and `gemma-qat generate`: thin wiring from the command line to gemma_qat.eval.
+"""`gemma-qat eval`: thin wiring from the command line to gemma_qat.eval.compare.
 
   gemma-qat eval --teacher DIR --candidates qat=runs/q4/model gguf=out/s.gguf --ptq --data SPEC \\
       --tokenizer tok.model [--recipe q4_0] [--report DIR] [--curves qat=runs/q4/metrics.jsonl] [--json]
-  gemma-qat generate --checkpoint DIR --tokenizer tok.model --prompt "def f(" [--chat] [--temperature 0.7]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -30,20 +28,7 @@ def register(subparsers) -> None:
     s.add_argument("--curves", nargs="*", action="extend", default=[], metavar="LABEL=PATH",
                    help="training curves for the report: a run's metrics.jsonl (or its run folder)")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
-    s.set_defaults(fn=run_eval)
-
-    s = subparsers.add_parser("generate", help="sample text from a checkpoint or export (KV-cache decoding)")
-    s.add_argument("--checkpoint", required=True, help="checkpoint folder or q4_0/mobile export folder")
-    s.add_argument("--tokenizer", required=True)
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's user/model turn template")
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(fn=run_generate)
+    s.set_defaults(fn=run)
 
 
 def _pairs(specs: list[str], what: str) -> dict[str, str]:
@@ -58,7 +43,7 @@ def _pairs(specs: list[str], what: str) -> dict[str, str]:
     return out
 
 
-def run_eval(args) -> int:
+def run(args) -> int:
     from gemma_qat.eval.compare import compare
     from gemma_qat.eval.report import format_table
 
@@ -76,27 +61,3 @@ def run_eval(args) -> int:
         if args.report:
             print(f"report → {args.report}/report.md")
     return 0
-
-
-def run_generate(args) -> int:
-    from gemma_qat.data import Tokenizer, check_vocab
-    from gemma_qat.eval.candidates import load_candidate
-    from gemma_qat.eval.generate import generate_text
-
-    cand = load_candidate("model", args.checkpoint)
-    if not cand.is_jax:
-        raise ValueError(f"{args.checkpoint} is a {cand.kind} file; run it with llama.cpp (generate runs "
-                         "gemma-qat checkpoints and exports)")
-    tok = Tokenizer.load(args.tokenizer)
-    check_vocab(tok, cand.config.vocab_size)
-    out = generate_text(cand, tok, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    print(json.dumps(out, indent=1) if args.json else out["text"])
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """A parser with only these subcommands (tests, or running this module directly)."""
-    p = argparse.ArgumentParser(prog="gemma-qat")
-    register(p.add_subparsers(dest="command", required=True))
-    return p
