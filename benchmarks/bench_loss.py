@@ -1,5 +1,5 @@
-"""The fused head + loss alone (forward with its closed-form gradient, `fused_loss.py`) with its vocabulary
-passes in XLA and in the two Pallas kernels (`loss_kernel.py`): time per call and the kernels' difference
+"""The fused head + loss alone (forward with its closed-form gradient, `gemma_qat/loss/fused.py`) with its vocabulary
+passes in XLA and in the two Pallas kernels (`gemma_qat/loss/kernel.py`): time per call and the kernels' difference
 from the XLA path on the device.
 
     python benchmarks/bench_loss.py --config bench-1b            # KL + CE with a teacher, and CE alone
@@ -18,7 +18,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from gemma_qat.fused_loss import fused_ce_loss, fused_distill_loss
+from gemma_qat.loss.fused import fused_ce_loss, fused_distill_loss
 from gemma_qat.model.config import get_config
 from timing import median_seconds  # benchmarks/ is on sys.path
 

@@ -1,7 +1,7 @@
 """The PyTorch peer (shared/bench/peer_torchao_qat.py: transformers' Gemma 4 + torchao int4 g32 QAT) on any
 config bench_step.py knows, so E2B and 26B-A4B-4l get a peer column too. The peer script ships configs for
 bench-1b and tiny only; this adds the others as transformers Gemma4TextConfig fields made by
-`hf_layout.config_to_hf`, the mapping the importer and exporter use, so both frameworks build the same model.
+`hf.layout.config_to_hf`, the mapping the importer and exporter use, so both frameworks build the same model.
 
     python benchmarks/bench_peer.py PEER_SCRIPT --config e2b --batch 2 --seq 2048 --steps 6
     python benchmarks/bench_peer.py PEER_SCRIPT --config tiny-e2b --batch 1 --seq 32 --steps 1   # CPU smoke
@@ -23,7 +23,7 @@ import importlib.util
 import sys
 
 from bench_step import bench_config  # benchmarks/ is on sys.path
-from gemma_qat.hf_layout import config_to_hf
+from gemma_qat.hf.layout import config_to_hf
 
 
 def peer_config(name: str) -> dict:

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from gemma_qat.distill import DistillSchedule, chunked_ce_loss, chunked_distill_loss
+from gemma_qat.loss.distill import DistillSchedule, chunked_ce_loss, chunked_distill_loss
+from gemma_qat.loss.kernel import IMPLS as LOSS_IMPLS
 from gemma_qat.model.config import get_config, interleave
 from gemma_qat.model.grouped_matmul import GROUPED_IMPLS
 from gemma_qat.model.params import init_params
@@ -39,7 +40,6 @@ from gemma_qat.model.transformer import Transformer
 from gemma_qat.preflight.report import cost_stats
 from gemma_qat.quant.policy import RecipePolicy
 from gemma_qat.quant.q4_0_kernel import IMPLS as Q4_0_IMPLS
-from gemma_qat.loss_kernel import IMPLS as LOSS_IMPLS
 from gemma_qat.quant.recipe import get_recipe, resolve
 from gemma_qat.train.config import DistillSection, OptimizerSection
 from gemma_qat.train.metrics import matmul_params

@@ -1,6 +1,6 @@
 """One process of the 2-process run in tests/test_multiprocess.py.
 
-It starts exactly as `gemma-qat train` does (pipelines/train.py: `distributed.initialize()` from the
+It starts exactly as `gemma-qat train` does (gemma_qat/cli/train.py: `distributed.initialize()` from the
 JAX_* environment variables, then the library loop), plus two test hooks that need to live inside the
 process: it records the host batches it trains on (to prove each host read its own shard), and it
 can stop cleanly after a given step through the preemption path, so the test can resume the run.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 def main(record_dir: str, stop_at: int, overrides: list[str]) -> int:
     from gemma_qat.train import distributed
-    distributed.initialize()  # before anything touches a device, as in pipelines/train.py
+    distributed.initialize()  # before anything touches a device, as in gemma_qat/cli/train.py
 
     import jax
     import numpy as np

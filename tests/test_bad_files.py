@@ -108,7 +108,7 @@ def test_a_jsonl_without_the_text_field_fails_when_the_source_opens(tmp_path):
 def test_an_interrupted_folder_write_is_cleaned_or_put_back(tmp_path):
     """A kill inside checkpoint.atomic_dir leaves `.NAME.tmp-*` (removed by the next write) or, between
     the two renames of a replacement, `.NAME.old-*` with no NAME (the previous folder: put back)."""
-    from gemma_qat.checkpoint import atomic_dir
+    from gemma_qat.model.checkpoint import atomic_dir
 
     out = tmp_path / "model"
     (tmp_path / ".model.tmp-dead").mkdir()
@@ -178,7 +178,7 @@ def test_an_array_record_source_checks_its_first_records_when_it_opens(tmp_path)
 
 
 def test_a_corrupt_meta_file_names_itself(tmp_path):
-    from gemma_qat.checkpoint import read_meta
+    from gemma_qat.model.checkpoint import read_meta
 
     (tmp_path / "meta.json").write_text('{"kind": "qat", ')
     with pytest.raises(ValueError, match=r"meta.json is corrupt"):

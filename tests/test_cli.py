@@ -59,7 +59,7 @@ def test_logits_errors(tmp_path, capsys):
 def test_quantize_writes_the_ptq_baseline(tmp_path, capsys):
     import jax
 
-    from gemma_qat.checkpoint import load_model, read_meta
+    from gemma_qat.model.checkpoint import load_model, read_meta
     from gemma_qat.quant.formats import q4_0_fake_quant
 
     save_text_model("dense", tmp_path / "hf")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import pipelines.demo as demo
+from gemma_qat.cli import demo
 
 
 @pytest.mark.slow

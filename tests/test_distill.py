@@ -1,4 +1,4 @@
-"""Tests for gemma_qat.distill: chunked vs unchunked, independent torch/numpy refs, memory."""
+"""Tests for gemma_qat.loss.distill: chunked vs unchunked, independent torch/numpy refs, memory."""
 import functools
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_qat import distill as dl
+from gemma_qat.loss import distill as dl
 
 D = 16
 
@@ -248,7 +248,7 @@ def test_topk_bucket_matches_numpy_and_bounds():
 
 
 def test_chunked_ce_matches_unchunked_reference():
-    from gemma_qat.distill import chunked_ce_loss, unchunked_distill_loss
+    from gemma_qat.loss.distill import chunked_ce_loss, unchunked_distill_loss
     k = jax.random.split(jax.random.PRNGKey(7), 4)
     h = jax.random.normal(k[0], (2, 24, 16))
     e = jax.random.normal(k[1], (97, 16))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_qat.checkpoint import save_model
+from gemma_qat.cli import build_parser
 from gemma_qat.data import build_python_corpus, train_sentencepiece
 from gemma_qat.data.packing import pack_documents, stack_rows
 from gemma_qat.eval import candidates as C
@@ -18,11 +18,11 @@ from gemma_qat.eval.generate import filter_logits, generate
 from gemma_qat.eval.metrics import add_recovery, evaluate, layer_errors, quant_errors, recovery_ratio
 from gemma_qat.eval.report import write_report
 from gemma_qat.export.orbax_q4_0 import export_q4_0
+from gemma_qat.model.checkpoint import save_model
 from gemma_qat.model.config import get_config
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant.policy import RecipePolicy
 from gemma_qat.quant.recipe import get_recipe, resolve
-from pipelines.evaluate import build_parser
 from model_fixtures import calm_weights, to_params
 
 MODEL = "tiny-31b"
@@ -125,7 +125,7 @@ def test_ptq_candidate_is_the_fake_quant_policy(tmp_path):
     ours = _full_logits(cfg, ptq.variables["params"], [b])[0]
     policy = _full_logits(cfg, p, [b], quant=RecipePolicy(res))[0]
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(policy))
-    from gemma_qat.distill import logits_from_hidden  # and hidden+table is that same model's head
+    from gemma_qat.model.embed import logits_from_hidden  # and hidden+table is that same model's head
     np.testing.assert_allclose(logits_from_hidden(h, table, softcap=cfg.final_softcap), policy, rtol=1e-4, atol=1e-4)
     # a `gemma-qat quantize`-style checkpoint (kind ptq) loads as the same candidate
     ck = _ckpt(tmp_path, "ptq", ptq.variables["params"], {"kind": "ptq", "recipe": res.recipe.to_dict()})

@@ -16,13 +16,14 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from gemma_qat.checkpoint import save_model
+from gemma_qat.cli import build_parser
 from gemma_qat.export import common, mobile, orbax_q4_0, safetensors_hf
 from gemma_qat.export.inspect import format_inspect, inspect
-from gemma_qat.hf import load_hf
-from gemma_qat.hf_layout import tensor_maps
-from gemma_qat.inference import forward_logits
+from gemma_qat.hf.importer import load_hf
+from gemma_qat.hf.layout import tensor_maps
+from gemma_qat.model.checkpoint import SCALES_DIR, load_quant_scales, save_model, save_quant_scales
 from gemma_qat.model.config import E2B, get_config
+from gemma_qat.model.inference import forward_logits
 from gemma_qat.model.params import abstract_params
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant import formats, pack
@@ -30,7 +31,6 @@ from gemma_qat.quant.policy import RecipePolicy, calibrate
 from gemma_qat.quant.ptq import dequantized_params
 from gemma_qat.quant.recipe import get_recipe, resolve
 from hf_fixtures import hf_logits, save_text_model
-from pipelines.export import build_parser
 
 Q40 = gguf.GGMLQuantizationType.Q4_0
 TOKENS = np.random.default_rng(0).integers(0, 512, (1, 20)).astype(np.int32)  # > the tiny window (8)
@@ -64,7 +64,7 @@ def _student(tmp_path, cfg, params, res=None, scales=None):
     meta = {"param_dtype": "float32", "step": 42, **({"recipe": res.recipe.to_dict()} if res else {})}
     ck = save_model(tmp_path / "student", params, cfg, meta=meta)
     if scales is not None:
-        common.save_quant_scales(ck, scales)
+        save_quant_scales(ck, scales)
     return ck
 
 
@@ -134,11 +134,11 @@ def test_mobile_round_trip_with_activation_scales(tmp_path):
     res = resolve(get_recipe("mobile", cfg), cfg)
     scales = calibrate(cfg, params, res, [{"tokens": TOKENS}])
     ck = _student(tmp_path, cfg, params, res, scales)
-    _assert_trees_equal(common.load_quant_scales(ck), scales)  # the quant_scales.json convention
+    _assert_trees_equal(load_quant_scales(ck), scales)  # the quant_scales.json convention
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp_path / "alt" / common.SCALES_DIR, scales)  # ... and the Orbax one
+    ckptr.save(tmp_path / "alt" / SCALES_DIR, scales)  # ... and the Orbax one
     ckptr.wait_until_finished()
-    _assert_trees_equal(common.load_quant_scales(tmp_path / "alt"), scales)
+    _assert_trees_equal(load_quant_scales(tmp_path / "alt"), scales)
     out = mobile.export_mobile(ck, tmp_path / "mobile")
     cfg2, deq, scales2, res2 = mobile.load_mobile(out)
     assert cfg2 == cfg and res2.formats == res.formats

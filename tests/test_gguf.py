@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from gemma_qat.data.tokenizer import Tokenizer, train_sentencepiece
 from gemma_qat.export.gguf import export_gguf, gguf_name, load_vocab
-from gemma_qat.hf_layout import tensor_maps
+from gemma_qat.hf.layout import tensor_maps
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant import formats
 from gemma_qat.quant.policy import RecipePolicy, weight_axes, weight_in_axes

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gemma_qat.checkpoint import load_model, save_model
-from gemma_qat.hf import load_hf
-from gemma_qat.inference import forward_logits
+from gemma_qat.hf.importer import load_hf
+from gemma_qat.model.checkpoint import load_model, save_model
+from gemma_qat.model.inference import forward_logits
 from hf_fixtures import hf_logits, save_multimodal_model, save_text_model
 
 T = 24  # longer than the tiny sliding window (8), so sliding masks and KV sharing are exercised

@@ -1,4 +1,4 @@
-"""The fused loss's two-pass Pallas kernels (loss_kernel.py, interpret mode on CPU) against the XLA path of
+"""The fused loss's two-pass Pallas kernels (loss/kernel.py, interpret mode on CPU) against the XLA path of
 the same fused loss: loss values, metrics and both gradients, for KL (+ CE) and CE, with and without the
 softcap, uneven token weights, a temperature, and rows and vocabularies that split into several tiles and
 segments."""
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_qat import loss_kernel
-from gemma_qat.fused_loss import fused_ce_loss, fused_distill_loss
+from gemma_qat.loss import kernel as loss_kernel
+from gemma_qat.loss.fused import fused_ce_loss, fused_distill_loss
 
 B, T, D = 2, 24, 32
 

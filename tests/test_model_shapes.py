@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from gemma_qat.hf_layout import config_to_hf
+from gemma_qat.hf.layout import config_to_hf
 from gemma_qat.model.config import VARIANTS, get_config
 from gemma_qat.model.params import abstract_params, count_params
 

@@ -2,7 +2,7 @@
 jax.distributed (localhost coordinator, gloo CPU collectives), FSDP over both.
 
 1. Both processes start like `gemma-qat train` (tests/mp_train_driver.py) and stop cleanly after step 4.
-2. `python -m pipelines.train` (the launcher entry point) on both resumes from that checkpoint to step 6.
+2. `python -m gemma_qat.cli.train` (the launcher entry point) on both resumes from that checkpoint to step 6.
 Checks: both exit 0; each host trained on its own shard of the data; the 6 losses match a 1-process,
 1-device run fed the same global batches (host 0's rows, then host 1's); the resumed steps match
 too (state and each host's iterator position were restored); the final model loads in 1 process.
@@ -19,8 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from gemma_qat.checkpoint import load_model
 from gemma_qat.data import make_train_iterator
+from gemma_qat.model.checkpoint import load_model
 from gemma_qat.train import inputs
 from gemma_qat.train.config import load_run_config
 from gemma_qat.train.loop import train
@@ -97,7 +97,7 @@ def test_two_processes_match_one_process_and_resume(tmp_path, monkeypatch):
     logs = _launch([str(REPO / "tests" / "mp_train_driver.py"), str(tmp_path / "rec"), str(STOP_AT), *overrides],
                    tmp_path, "first")
     assert all(f"{STOP_AT} steps, stopped_early=True" in l for l in logs), logs
-    logs = _launch(["-m", "pipelines.train", *overrides], tmp_path, "resume")
+    logs = _launch(["-m", "gemma_qat.cli.train", *overrides], tmp_path, "resume")
     assert all(f"resumed from checkpoint step {STOP_AT}" in l and f"finished at step {STEPS}" in l
                for l in logs), logs
     ckpt = run_dir / "checkpoints"

@@ -17,7 +17,7 @@ from gemma_qat.preflight import compilers, topologies
 from gemma_qat.model.config import get_config
 from gemma_qat.preflight.check import PreflightError, run_preflight
 from gemma_qat.train.config import load_run_config
-from pipelines import preflight as cli
+from gemma_qat.cli import preflight as cli
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
@@ -150,7 +150,7 @@ def test_tiny_compiles_for_tpu_slices_with_libtpu(topology, overrides):
     # gradients are reduce-scattered (the TPU's all-reduce-scatter fusions), and every collective's runs
     # per step are known, also inside the layer scan's loop (whose trip count is read from its condition).
     # The loss's chunk loop holds none: its head tables are gathered and its table gradient reduced once,
-    # outside the loop (fused_loss.py).
+    # outside the loop (loss/fused.py).
     c = r.collectives
     assert set(r.weight_gathers) == {"bf16"} and c["by_source"]["weights"]["bytes"] > 0
     assert c["by_kind"]["reduce-scatter"]["ops"] > 0 and c["by_source"]["gradients"]["bytes"] > 0

@@ -117,9 +117,9 @@ def test_moe_routes_each_devices_rows_locally():
 
 def test_loss_gathers_the_head_tables_once_and_reduces_their_gradient_once():
     """The fused distillation loss under fsdp 4 × tensor 2: equal to the unsharded loss and gradients, and
-    the head tables are gathered before the chunk loop (fused_loss._GATHERED_TABLE_AXES), once. The GPU
+    the head tables are gathered before the chunk loop (loss/fused.py _GATHERED_TABLE_AXES), once. The GPU
     compiler had gathered them 3 times per chunk (31B on 4x8xH100: 25 GB per step, between hosts)."""
-    from gemma_qat import distill
+    from gemma_qat.loss import distill
     from gemma_qat.preflight import collectives
 
     b, t, d, v = 8, 64, 32, 256
@@ -145,7 +145,7 @@ def test_loss_gathers_the_head_tables_once_and_reduces_their_gradient_once():
     gathers = [c for c in found if c.kind == "all-gather"]
     assert len(gathers) == 1 and not gathers[0].in_loop, [(c.name, c.shapes, c.in_loop) for c in gathers]
     # The table gradient is reduced over fsdp once, after the loop: each device adds its rows' chunks into
-    # its own partial table (fused_loss._PARTIAL_TABLE_AXES). Reduced per chunk, it was 16.9 GB of fp32
+    # its own partial table (loss/fused.py _PARTIAL_TABLE_AXES). Reduced per chunk, it was 16.9 GB of fp32
     # reduce-scatter per step per GPU for 31B on 4x8xH100.
     table_grads = [c for c in found if c.kind != "all-gather" and {(v // 2, d), (v // 2, d // 4)} & set(c.shapes)]
     assert len(table_grads) == 1 and not table_grads[0].in_loop, [(c.name, c.shapes, c.in_loop) for c in table_grads]

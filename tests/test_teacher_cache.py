@@ -9,15 +9,15 @@ import jax
 import numpy as np
 import pytest
 
-from gemma_qat.checkpoint import load_model
 from gemma_qat.data import Tokenizer, make_train_iterator
-from gemma_qat.distill import teacher_topk, topk_distill_loss
+from gemma_qat.loss.distill import teacher_topk, topk_distill_loss
+from gemma_qat.model.checkpoint import load_model
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.train import teacher_cache as tc
 from gemma_qat.train.loop import train
 from gemma_qat.train.signals import StopFlag
 from gemma_qat.train.state import perturb_params
-from pipelines import teacher_cache as cli
+from gemma_qat.cli import cache_teacher as cli
 from train_helpers import base_config, data_files, teacher_checkpoint
 
 ONE = jax.devices()[:1]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_qat.checkpoint import save_model
+from gemma_qat.model.checkpoint import save_model
 from gemma_qat.model.config import get_config
 from gemma_qat.model.params import init_params
 from gemma_qat.train import metrics as metrics_lib
@@ -123,8 +123,8 @@ def test_q4_0_qat_run_writes_an_exportable_student(tmp_path):
     """quant.recipe=q4_0 trains the fake-quant student from the teacher's own weights: on a fixed
     held-out batch its KL to the teacher falls, and <run_dir>/model records the recipe that export
     reads back."""
-    from gemma_qat.checkpoint import load_model
-    from gemma_qat.distill import chunked_distill_loss
+    from gemma_qat.model.checkpoint import load_model
+    from gemma_qat.loss.distill import chunked_distill_loss
     from gemma_qat.export.common import load_student
     from gemma_qat.model.transformer import Transformer
     from gemma_qat.train.policy import recipe_policy

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import jax
 
-from gemma_qat.checkpoint import save_model
 from gemma_qat.data import build_python_corpus, train_sentencepiece
+from gemma_qat.model.checkpoint import save_model
 from gemma_qat.model.config import get_config
 from gemma_qat.model.params import init_params
 from gemma_qat.train.config import RunConfig, load_run_config

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_qat.checkpoint import CONFIG_FILE, load_model, read_meta
+from gemma_qat.model.checkpoint import CONFIG_FILE, load_model, read_meta
 from gemma_qat.model.config import ModelConfig
 from gemma_qat.model.layers import NoQuant
 from gemma_qat.model.transformer import Transformer

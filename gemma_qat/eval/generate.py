@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_qat.data.tokenizer import END_OF_TURN, START_OF_TURN, Tokenizer
-from gemma_qat.distill import logits_from_hidden
 from gemma_qat.eval.candidates import Candidate
+from gemma_qat.model.embed import logits_from_hidden
 from gemma_qat.model.kv_cache import init_cache
 
 BUCKET = 64

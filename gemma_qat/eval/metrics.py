@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from gemma_qat.distill import logits_from_hidden
 from gemma_qat.eval.candidates import Candidate
+from gemma_qat.model.embed import logits_from_hidden
 from gemma_qat.quant import formats
 from gemma_qat.quant.policy import weight_axes, weight_in_axes
 from gemma_qat.quant.recipe import FLOAT, Resolution

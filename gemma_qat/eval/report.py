@@ -63,6 +63,18 @@ def recovery_sentences(results: dict) -> list[str]:
     return lines
 
 
+def format_table(results: dict) -> str:
+    """The results as a console table (one row per candidate) and the recovery sentences."""
+    lines = [f"{'candidate':16s} {'kind':7s} {'PPL':>10s} {'KL mean':>10s} {'± s.e.':>9s} {'top-1':>7s} "
+             f"{'recovery':>9s}"]
+    for r in results["rows"]:
+        rec = "—" if r["recovery"] is None else f"{100 * r['recovery']:.1f}%"
+        lines.append(f"{r['name']:16s} {r['kind']:7s} {r['ppl']:10.4f} {r['kl_mean']:10.4g} {r['kl_sem']:9.2g} "
+                     f"{100 * r['top1']:6.2f}% {rec:>9s}")
+    lines += [line.replace("`", "") for line in recovery_sentences(results)]
+    return "\n".join(lines)
+
+
 def _markdown(results: dict, errors: list[dict] | None, plots: list[str], title: str, label: str) -> str:
     md = [f"# {title}", "",
           f"Reference: `{results['reference']}` · {results['tokens']:,d} scored tokens in {results['batches']} "

@@ -2,22 +2,21 @@
 packed layout of each weight format (one definition for writers, loaders and byte reports), and the
 on-disk frame of our Orbax exports (export.json + model_config.json + tensors/ + tokenizer).
 
-Student checkpoint convention (a gemma-qat model checkpoint, see checkpoint.py):
+Student checkpoint convention (a gemma-qat model checkpoint, see model/checkpoint.py):
   DIR/params/, DIR/model_config.json, DIR/meta.json  -- meta["recipe"] = Recipe.to_dict() (optional:
       a `recipe` override names a preset when meta has none), meta["step"] = training step (optional);
   DIR/quant_scales.json  -- optional, the static activation scales (`quant_scales` collection) as
       nested JSON numbers, e.g. {"layer_0": {"attn": {"q_einsum": {"w_in": 0.01, "w_out": 0.2}}}};
-  DIR/quant_scales/      -- the same collection as an Orbax tree (used when there is no JSON file).
+  DIR/quant_scales/      -- the same collection as an Orbax tree (used when there is no JSON file);
+      both read and written by model/checkpoint.py (training writes them too).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 
@@ -27,8 +26,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from gemma_qat.checkpoint import CONFIG_FILE, atomic_dir, load_model, read_meta
-from gemma_qat.hf_layout import tensor_maps
+from gemma_qat.hf.layout import tensor_maps
+from gemma_qat.model.checkpoint import CONFIG_FILE, atomic_dir, load_model, load_quant_scales, read_meta
 from gemma_qat.model.config import ModelConfig
 from gemma_qat.model.params import abstract_params, flat_shapes
 from gemma_qat.model.transformer import Transformer
@@ -39,9 +38,6 @@ from gemma_qat.quant.recipe import FLOAT, Recipe, Resolution, get_recipe, resolv
 FORMAT_VERSION = 1
 EXPORT_FILE = "export.json"
 TENSORS_DIR = "tensors"
-SCALES_JSON = "quant_scales.json"
-SCALES_DIR = "quant_scales"
-SCALE_DTYPE = np.float32
 
 
 # ----------------------------------------------------------------------------- the student
@@ -72,32 +68,6 @@ def require_recipe(resolution: Resolution | None, fmt: str, allowed: set[str], *
     if bad or resolution.recipe.activations not in activations:
         raise ValueError(f"format {fmt} cannot hold recipe {resolution.recipe.name!r} (weight formats {bad}, "
                          f"activations {resolution.recipe.activations!r}); choose the export format of that recipe")
-
-
-def load_quant_scales(ckpt_dir) -> dict:
-    d = Path(ckpt_dir)
-    if (d / SCALES_JSON).is_file():
-        tree = json.loads((d / SCALES_JSON).read_text())
-        return jax.tree.map(lambda v: np.asarray(v, SCALE_DTYPE), tree)
-    if (d / SCALES_DIR).is_dir():
-        tree = ocp.StandardCheckpointer().restore((d / SCALES_DIR).absolute())
-        return jax.tree.map(lambda v: np.asarray(v, SCALE_DTYPE), tree)
-    return {}
-
-
-def save_quant_scales(ckpt_dir, scales: dict) -> Path:
-    """Writes DIR/quant_scales.json atomically (temp file + os.replace). Python floats hold fp32
-    exactly, so the JSON round trip is lossless."""
-    path = Path(ckpt_dir) / SCALES_JSON
-    tree = jax.tree.map(lambda v: float(np.asarray(v, SCALE_DTYPE)), scales)
-    write_text_atomic(path, json.dumps(tree, indent=1))
-    return path
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_out(out, force: bool) -> Path:

@@ -3,7 +3,7 @@
 Facts follow llama.cpp as vendored in llama-cpp-python 0.3.36 (`src/models/gemma4.cpp` for hparams
 and tensor shapes, `conversion/gemma.py` Gemma4Model for what the converter writes, `llama-vocab.cpp`
 for the `gemma4` tokenizer); tensor names come from gguf-py's gemma4 table. Tensors are laid out as
-the HF checkpoint (hf_layout `to_hf`: [out, in], so ne0 = in), which is also GGUF's orientation;
+the HF checkpoint (hf/layout.py `to_hf`: [out, in], so ne0 = in), which is also GGUF's orientation;
 Q4_0 tensors are packed by gemma_qat.quant.pack from the same codes the fake-quant trained against,
 never re-quantised by gguf/llama.cpp.
 """
@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from gemma_qat.hf_layout import tensor_maps
+from gemma_qat.hf.layout import tensor_maps
 from gemma_qat.model.config import ModelConfig
 from gemma_qat.quant.pack import quantize_q4_0_rows
 from gemma_qat.quant.recipe import FLOAT, Resolution
@@ -31,7 +31,7 @@ FLOAT_TYPES = {"f32": _Q.F32, "f16": _Q.F16, "bf16": _Q.BF16}
 _FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                "bf16": gguf.LlamaFileType.MOSTLY_BF16}
 
-# HF tensor (hf_layout names) → gguf tensor kind and suffix; `{}` in a key is the layer index.
+# HF tensor (hf/layout.py names) → gguf tensor kind and suffix; `{}` in a key is the layer index.
 _NAMES = {
     "model.embed_tokens.weight": (_T.TOKEN_EMBD, "weight"),
     "model.norm.weight": (_T.OUTPUT_NORM, "weight"),

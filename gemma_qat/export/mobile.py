@@ -1,7 +1,7 @@
 """Mobile export (Orbax): int2/int4/int8 per-channel weights packed at their bit width with fp32
 scales, static int8 activation scales and quantized embeddings, per the recipe (FORMATS.md "Mobile").
 
-Layout (EXPORT.md): HF names and [out, in] orientation (hf_layout `to_hf`), as the HF "gemma"
+Layout (EXPORT.md): HF names and [out, in] orientation (hf/layout.py `to_hf`), as the HF "gemma"
 quantizer's checkpoints: `X.weight` packed codes along the last axis (int8: int8; int4: uint8, two
 per byte, low nibble first, nibble = code+8; int2: uint8, four per byte, bits 1:0 first, crumb =
 code+2), `X.weight_scale` fp32 [..., in/C] where C weights share a scale (C = the whole input axis,
@@ -25,7 +25,7 @@ from flax import traverse_util
 
 from gemma_qat.export import common
 from gemma_qat.export.orbax_q4_0 import unflatten
-from gemma_qat.hf_layout import tensor_maps
+from gemma_qat.hf.layout import tensor_maps
 from gemma_qat.model.config import ModelConfig
 from gemma_qat.quant import formats, pack
 from gemma_qat.quant.recipe import FLOAT, Recipe, Resolution, get_recipe, resolve

@@ -1,6 +1,6 @@
 """Packed Q4_0 export (Orbax): every q4_0 weight as GGUF block_q4_0 bytes, the rest as stored.
 
-Layout (EXPORT.md): tensors are named and oriented as the HF checkpoint (hf_layout `to_hf`), so every
+Layout (EXPORT.md): tensors are named and oriented as the HF checkpoint (hf/layout.py `to_hf`), so every
 matrix is row-major [out, in] with the contraction axis last. That is GGUF's orientation (ne0 = in)
 and, for every projection of the model, the axis the Q4_0 fake-quant blocks run along (for the
 attention output [N, H, D] the innermost contraction axis H, which is contiguous inside N·H). So the
@@ -16,7 +16,7 @@ import numpy as np
 from flax import traverse_util
 
 from gemma_qat.export import common
-from gemma_qat.hf_layout import tensor_maps
+from gemma_qat.hf.layout import tensor_maps
 from gemma_qat.model.config import ModelConfig
 from gemma_qat.quant import pack
 from gemma_qat.quant.recipe import FLOAT, Resolution

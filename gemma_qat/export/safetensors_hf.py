@@ -1,7 +1,7 @@
 """The "unquantized QAT checkpoint": the student's float (master) weights in the Hugging Face Gemma 4
 layout, loadable by transformers.Gemma4ForCausalLM and by our own `import-hf`.
 
-Names, shapes and the conversion are hf_layout.tensor_maps `to_hf` (the same table the importer
+Names, shapes and the conversion are hf/layout.py tensor_maps `to_hf` (the same table the importer
 reads with), so import-hf -> export is byte-identical in float32. Files are written by hand (8-byte
 header length, JSON header, raw little-endian data; the safetensors format) because numpy has no
 native bfloat16 and torch must not be a runtime dependency; shards are planned from shapes alone
@@ -18,9 +18,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from gemma_qat.checkpoint import atomic_dir
 from gemma_qat.export import common
-from gemma_qat.hf_layout import config_to_hf, tensor_maps
+from gemma_qat.hf.layout import config_to_hf, tensor_maps
+from gemma_qat.model.checkpoint import atomic_dir
 from gemma_qat.model.config import ModelConfig
 
 FORMAT = "hf-safetensors"

@@ -55,3 +55,14 @@ class Embedder(nn.Module):
         proj = self.per_layer_model_projection("BTD,DLP->BTLP", x) * jnp.asarray(self.d_model**-0.5, self.dtype)
         proj = self.per_layer_projection_norm(proj)
         return (proj + tok) * jnp.asarray(2.0**-0.5, self.dtype)
+
+
+def logits_from_hidden(h: Array, table: Array, *, softcap: float | None) -> Array:
+    """The tied head: fp32 logits = softcap(h @ tableᵀ) = c·tanh(z/c); h [..., D] any float, table [V, D]
+    (cast to h's dtype: bf16 operands, fp32 accumulation, never an fp32 GEMM on bf16 h). The one
+    definition for the model's forward, the chunked losses (loss/) and evaluation (eval/)."""
+    z = jnp.einsum("...d,vd->...v", h, table.astype(h.dtype), preferred_element_type=jnp.float32)  # [..., V]
+    z = z.astype(jnp.float32)  # einsum may keep an fp64/other input dtype; pin fp32
+    if softcap is not None:
+        z = softcap * jnp.tanh(z / softcap)
+    return z

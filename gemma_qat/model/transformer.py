@@ -14,7 +14,7 @@ from flax import linen as nn
 from gemma_qat.model import scan
 from gemma_qat.model.attention import Attention, attention_mask, cache_attention_mask
 from gemma_qat.model.config import ModelConfig
-from gemma_qat.model.embed import Embedder
+from gemma_qat.model.embed import Embedder, logits_from_hidden
 from gemma_qat.model.kv_cache import KVCache, init_cache  # noqa: F401 (re-exported)
 from gemma_qat.model.layers import WEIGHT_NAME, Array, DType, Einsum, FeedForward, NoQuant, QuantPolicy, RMSNorm, gelu_tanh
 from gemma_qat.model.moe import MoE
@@ -157,11 +157,11 @@ class Transformer(nn.Module):
         h = RMSNorm(eps=cfg.norm_eps, param_dtype=self.param_dtype, name="final_norm")(x)
         table = embedder.decode_table()  # [V, D]
         if cache is not None:
-            out = (h, table) if return_hidden else logits_from_hidden(h, table, cfg.final_softcap)
+            out = (h, table) if return_hidden else _head(h, table, cfg.final_softcap)
             return out, KVCache(length=start + t, segment_ids=cached_segments, layers=new_layers)
         if return_hidden:
             return h, table
-        return logits_from_hidden(h, table, cfg.final_softcap)
+        return _head(h, table, cfg.final_softcap)
 
     def _groups(self, cache) -> list[scan.Group]:
         """Scanned groups where `scan_layers` asks for them and the call allows (a training or scoring
@@ -226,9 +226,7 @@ class _Layer(nn.Module):
         return Block(self.config, self.layer, name=f"layer_{self.layer}", **self.block_kw)(*args)
 
 
-def logits_from_hidden(h: Array, table: Array, softcap: float | None) -> Array:
-    """[B, T, D] @ [V, D]ᵀ in fp32 accumulation, then c·tanh(z/c)."""
-    z = jnp.einsum("BTD,VD->BTV", h, table.astype(h.dtype), preferred_element_type=jnp.float32)
-    if softcap:
-        z = softcap * jnp.tanh(z / softcap)
+def _head(h: Array, table: Array, softcap: float | None) -> Array:
+    """[B, T, D] → [B, T, V] fp32 logits (embed.logits_from_hidden), laid out over the mesh's vocab axis."""
+    z = logits_from_hidden(h, table, softcap=softcap)
     return nn.with_logical_constraint(z, ("act_batch", "act_seq", "act_vocab"))

@@ -28,11 +28,11 @@ from flax import linen as nn
 from flax import traverse_util
 from jax.sharding import AbstractMesh, Mesh
 
-from gemma_qat import checkpoint, devices, sharding
-from gemma_qat.preflight import compilers, layout, memory as preflight_memory, performance
-from gemma_qat.model import scan
+from gemma_qat import devices, sharding
+from gemma_qat.model import checkpoint, scan
 from gemma_qat.model.config import get_config
 from gemma_qat.model.params import abstract_params, logical_axes
+from gemma_qat.preflight import compilers, layout, memory as preflight_memory, performance
 from gemma_qat.preflight.report import Report, TensorRow, size
 from gemma_qat.preflight.topologies import Topology, parse
 from gemma_qat.quant.policy import RecipePolicy, check_q4_0_blocks, placeholder_scales
@@ -66,7 +66,7 @@ def _mesh_shape(cfg: RunConfig, topo: Topology) -> tuple[int, ...]:
                              "of them to -1 to take the rest") from None
 
 
-DEFAULT_CACHE_K = 64  # pipelines/teacher_cache.py's --k default, for a cache folder not on this host
+DEFAULT_CACHE_K = 64  # cli/cache_teacher.py's --k default, for a cache folder not on this host
 
 
 def _cache_k(cfg: RunConfig, notes: list[str]) -> int:

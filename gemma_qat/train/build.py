@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from gemma_qat import distill, sharding
+from gemma_qat import sharding
+from gemma_qat.loss import distill
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.train import optimizer as optim, step as step_lib
 from gemma_qat.train.config import DistillSection, RunConfig

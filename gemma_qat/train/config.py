@@ -29,9 +29,10 @@ from typing import Sequence
 
 from gemma_qat.model.attention import ATTENTION_IMPLS
 from gemma_qat.model.transformer import REMAT_POLICIES
-from gemma_qat.loss_kernel import IMPLS as LOSS_IMPLS
 from gemma_qat.quant.policy import BACKENDS as QUANT_BACKENDS
-from gemma_qat.quant.q4_0_kernel import IMPLS as Q4_0_IMPLS
+# Both Pallas kernels (loss/kernel.py, quant/q4_0_kernel.py) take devices.py's auto | xla | pallas choice:
+# naming it here spares the config the kernels' imports.
+from gemma_qat.devices import KERNEL_IMPLS as LOSS_IMPLS, KERNEL_IMPLS as Q4_0_IMPLS
 from gemma_qat.sharding import MeshConfig
 from gemma_qat.train import config_io
 

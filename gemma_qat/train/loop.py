@@ -26,10 +26,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gemma_qat import checkpoint, sharding
-from gemma_qat.model.layers import QuantPolicy
+from gemma_qat import sharding
 from gemma_qat.data import make_eval_batches
-from gemma_qat.export.common import SCALES_JSON, load_quant_scales, save_quant_scales
+from gemma_qat.model import checkpoint
+from gemma_qat.model.checkpoint import SCALES_JSON, load_quant_scales, save_quant_scales
+from gemma_qat.model.layers import QuantPolicy
 from gemma_qat.quant.policy import RecipePolicy, calibrate, check_q4_0_blocks
 from gemma_qat.train import inputs, metrics as metrics_lib, optimizer as optim, state as state_lib, step as step_lib
 from gemma_qat.train import build, guard as guard_lib, teacher_cache

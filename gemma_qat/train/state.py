@@ -18,7 +18,8 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gemma_qat import checkpoint, sharding
+from gemma_qat import sharding
+from gemma_qat.model import checkpoint
 from gemma_qat.model.config import VARIANTS, ModelConfig, get_config
 from gemma_qat.model.params import abstract_params, init_params, logical_axes
 from gemma_qat.train.optimizer import is_frozen

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gemma_qat.distill import DistillSchedule, chunked_distill_loss, topk_distill_loss
+from gemma_qat.loss.distill import DistillSchedule, chunked_distill_loss, topk_distill_loss
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.train.optimizer import trainable_grad_norm
 from gemma_qat.train.state import TrainState

@@ -2,7 +2,7 @@
 
 When the teacher forward dominates the step (a 31B teacher for an E2B student), run it once over
 the training rows (`gemma-qat cache-teacher`, `build_teacher_cache`); a run with
-`teacher.cache = DIR` then reads rows and top-k from DIR and trains on distill.topk_distill_loss
+`teacher.cache = DIR` then reads rows and top-k from DIR and trains on loss/distill.py's topk_distill_loss
 with no teacher in memory.
 
 DIR/cache.json                 k, seq_len, temperature, dtype, vocab, rows, teacher, data, files
@@ -30,9 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_qat import checkpoint, distill, sharding
+from gemma_qat import sharding
 from gemma_qat.data import Tokenizer, make_train_iterator
 from gemma_qat.data.packing import ROW_KEYS
+from gemma_qat.loss import distill
+from gemma_qat.model import checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# The head's logits and the chunk helpers live in fused_loss.py (both paths use them); logits_from_hidden
-# stays importable from here for eval and generate.
-from gemma_qat.fused_loss import (NEG, chunk_geometry, fused_ce_loss, fused_distill_loss, fused_topk_loss,
-                                  logits_from_hidden, split_chunks)
+# The chunk helpers live in loss/fused.py (both paths use them); the head's logits in model/embed.py.
+from gemma_qat.loss.fused import (NEG, chunk_geometry, fused_ce_loss, fused_distill_loss, fused_topk_loss,
+                                  split_chunks)
+from gemma_qat.model.embed import logits_from_hidden
 
 Array = jax.Array
 Scalar = Any  # Python float or traced jnp scalar
@@ -123,8 +123,8 @@ def chunked_distill_loss(student_h: Array, teacher_h: Array, student_embed: Arra
 
     student_h/teacher_h [B, T, D] (after final norm); embeds [V, D]; labels [B, T] int;
     mask [B, T] 0/1 or bool. Teacher inputs get stop_gradient.
-    fused (default): fused_loss.py forms the gradient in the forward, one pass per chunk; aux then
-    carries no gradient; `loss_impl` (loss_kernel.IMPLS) picks its vocabulary passes: XLA, or two Pallas
+    fused (default): fused.py forms the gradient in the forward, one pass per chunk; aux then
+    carries no gradient; `loss_impl` (kernel.IMPLS) picks its vocabulary passes: XLA, or two Pallas
     kernels (auto: on one GPU). fused=False: autodiff through a rematerialised chunk (the reference).
     """
     _check_static(temperature, alpha)
@@ -236,7 +236,7 @@ def topk_distill_loss(student_h: Array, student_embed: Array, teacher_topk_logpr
     the SAME temperature as `temperature` (see `teacher_topk`): the teacher's
     residual mass at another T cannot be recovered from a top-k cache, so a
     temperature schedule needs a re-cache. ids [B, T, k] must be distinct per token.
-    fused (default): fused_loss.py, the gradient formed in the forward; False: autodiff (reference).
+    fused (default): fused.py, the gradient formed in the forward; False: autodiff (reference).
     """
     _check_static(temperature, 0.0)
     bt = student_h.shape[:2]

@@ -17,22 +17,28 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
-import jax
+# The library is imported inside the functions, as in every command module: building the parser
+# imports this module for every `gemma-qat` command, and jax must not load before train or preflight
+# has prepared it.
 
-from gemma_qat.checkpoint import load_model, read_meta, save_model
-from gemma_qat.quant.policy import calibrate
-from gemma_qat.quant.ptq import dequantized_params
-from gemma_qat.quant.recipe import get_recipe, resolve
-from gemma_qat.train.config import load_run_config
-from gemma_qat.train.loop import FINAL_MODEL_DIR, train
-from pipelines.evaluate import print_table
-
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 TEACHER_STEPS, QAT_STEPS = 400, 200
 STAGES = 7
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser("demo", help="the embedded default: runs on CPU with no downloads")
+    s.add_argument("--workdir", default="runs/demo")
+    s.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
+    s.set_defaults(fn=run)
+
+
+def run(args) -> int:
+    return run_demo(Path(args.workdir), fresh=args.fresh)
 
 
 class _Stage:
@@ -48,6 +54,11 @@ class _Stage:
 
 
 def _train(work: Path, stage: str, overrides: list[str]) -> Path:
+    import jax
+
+    from gemma_qat.train.config import load_run_config
+    from gemma_qat.train.loop import FINAL_MODEL_DIR, train
+
     cfg = load_run_config(CONFIG, [f"run_dir={work / stage}", *overrides])
     # One device: the demo's mesh is 1×1×1×1 whatever the host exposes.
     train(cfg, devices=jax.devices()[:1])
@@ -67,6 +78,12 @@ def _distill(work: Path, stage: str, recipe: str, teacher_dir: Path, data_dir: P
 
 
 def run_demo(work: Path, *, fresh: bool = False) -> int:
+    from gemma_qat.eval.report import format_table
+    from gemma_qat.model.checkpoint import load_model, read_meta, save_model
+    from gemma_qat.quant.ptq import dequantized_params
+    from gemma_qat.quant.recipe import get_recipe, resolve
+    from gemma_qat.train.loop import FINAL_MODEL_DIR
+
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -117,37 +134,44 @@ def run_demo(work: Path, *, fresh: bool = False) -> int:
     s.finish()
 
     print(f"\n[{STAGES}/{STAGES}] summary (held-out Python stdlib text; KL and top-1 against the teacher)")
-    print_table(json.loads((report / "results.json").read_text()))
+    print(format_table(json.loads((report / "results.json").read_text())))
     print(f"\nreport: {report / 'report.md'} (plots beside it)")
     return 0
 
 
 def _evaluate(work: Path, report: Path, tokenizer: Path, valid: Path) -> None:
-    """`gemma-qat eval` on the demo's artifacts: the same code path a user runs."""
+    """What `gemma-qat eval` runs (eval.compare), on the demo's artifacts, printed as it prints them."""
+    from gemma_qat.eval.compare import compare
+    from gemma_qat.eval.report import format_table
+    from gemma_qat.train.loop import FINAL_MODEL_DIR
+
     exports = work / "exports"
-    candidates = [f"qat-q4_0={work / 'qat' / FINAL_MODEL_DIR}", f"export-q4_0={exports / 'student-q4_0'}",
-                  f"mobile-ptq={exports / 'teacher-mobile'}", f"mobile-qat={exports / 'student-mobile'}"]
+    candidates = {"qat-q4_0": work / "qat" / FINAL_MODEL_DIR, "export-q4_0": exports / "student-q4_0",
+                  "mobile-ptq": exports / "teacher-mobile", "mobile-qat": exports / "student-mobile"}
     try:
         import llama_cpp  # noqa: F401  (optional: the GGUF row needs llama.cpp)
-        candidates.append(f"gguf-q4_0={exports / 'student-q4_0.gguf'}")
+        candidates["gguf-q4_0"] = exports / "student-q4_0.gguf"
     except ImportError:
         print("      (llama-cpp-python not installed: the GGUF row is skipped)")
-    from gemma_qat.cli import build_parser
-    args = build_parser().parse_args([
-        "eval", "--teacher", str(work / "teacher" / FINAL_MODEL_DIR), "--ptq", "--recipe", "q4_0",
-        "--data", f"jsonl:{valid}", "--tokenizer", str(tokenizer), "--seq-len", "128", "--batch-size", "8",
-        "--batches", "16", "--report", str(report), "--curves", f"teacher={work / 'teacher'}",
-        f"qat-q4_0={work / 'qat'}", "--candidates", *candidates])
-    args.fn(args)
+    results, _ = compare(
+        str(work / "teacher" / FINAL_MODEL_DIR), {name: str(path) for name, path in candidates.items()},
+        data=f"jsonl:{valid}", tokenizer=str(tokenizer), recipe="q4_0", ptq=True, seq_len=128, batch_size=8,
+        batches=16, report=str(report), curves={"teacher": str(work / "teacher"), "qat-q4_0": str(work / "qat")},
+        progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_table(results))
+    print(f"report → {report}/report.md")
 
 
 def _exports(work: Path, exports: Path, qat_dir: Path, mobile_dir: Path, teacher_dir: Path, tokenizer: Path,
              data_dir: Path):
     from gemma_qat.data import Tokenizer, make_eval_batches
-    from gemma_qat.export.common import load_student, save_quant_scales
+    from gemma_qat.export.common import load_student
     from gemma_qat.export.gguf import export_gguf
     from gemma_qat.export.mobile import export_mobile
     from gemma_qat.export.orbax_q4_0 import export_q4_0
+    from gemma_qat.model.checkpoint import load_model, read_meta, save_model, save_quant_scales
+    from gemma_qat.quant.policy import calibrate
+    from gemma_qat.quant.recipe import get_recipe, resolve
 
     exports.mkdir(parents=True, exist_ok=True)
     export_q4_0(qat_dir, exports / "student-q4_0", tokenizer=tokenizer, force=True)

@@ -1,7 +1,7 @@
 """The fused loss's vocabulary-wide passes as two Pallas (Triton) kernels: one reads the fp32 logits once
 for every row statistic, one reads them again and writes dL/dz in bf16.
 
-Per chunk, the XLA path (fused_loss.py) materialises the softcapped logits and then runs separate max,
+Per chunk, the XLA path (loss/fused.py) materialises the softcapped logits and then runs separate max,
 sum-exp, KL and argmax reductions and the gradient over them: about ten passes over each [rows, V] fp32
 logit set (BENCHMARKS.md: about 15 ms of the bench-1b QAT + teacher step). Here, with s = c·tanh(z/c)
 recomputed in registers from the GEMM's output z:
@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from gemma_qat.devices import KERNEL_IMPLS, use_triton_kernel
 
 IMPLS = KERNEL_IMPLS
-# Finite stand-in for −inf: e^(NEG − m) is 0 and never NaN (also fused_loss's mask value).
+# Finite stand-in for −inf: e^(NEG − m) is 0 and never NaN (also loss/fused.py's mask value).
 NEG = -1e30
 _NO_COL = 2**30  # "no column yet": above every vocabulary index, so min() picks any real one
 _ROWS, _COLS, _SEGMENTS, _GRAD_COLS = 8, 512, 16, 512  # [8, 512] fp32 tiles: 32 values a thread at 4 warps

@@ -1,5 +1,6 @@
 """Model checkpoints on disk: an Orbax parameter tree plus the model config (and free-form metadata),
-written atomically so an output folder is either complete or absent."""
+written atomically so an output folder is either complete or absent; a quantized student's static
+activation scales beside them (quant_scales.json)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from gemma_qat.model.config import ModelConfig
@@ -22,6 +24,12 @@ from gemma_qat.model.params import abstract_params, flat_shapes
 CONFIG_FILE = "model_config.json"
 META_FILE = "meta.json"
 PARAMS_DIR = "params"
+# The static activation scales (the `quant_scales` collection of quant/policy.py's RecipePolicy) live
+# beside the params: JSON numbers ({"layer_0": {"attn": {"q_einsum": {"w_in": 0.01, ...}}}}), or an Orbax
+# tree in SCALES_DIR where there is no JSON file. Training writes them, export and eval read them.
+SCALES_JSON = "quant_scales.json"
+SCALES_DIR = "quant_scales"
+SCALE_DTYPE = np.float32
 log = logging.getLogger(__name__)
 
 
@@ -170,3 +178,29 @@ def check_tree(params: dict, config: ModelConfig) -> None:
     if missing or extra or wrong:
         raise ValueError(f"parameter tree does not match model {config.name!r}: missing={missing[:8]} "
                          f"unexpected={extra[:8]} wrong_shapes={wrong[:8]}")
+
+
+def load_quant_scales(ckpt_dir) -> dict:
+    d = Path(ckpt_dir)
+    if (d / SCALES_JSON).is_file():
+        tree = json.loads((d / SCALES_JSON).read_text())
+        return jax.tree.map(lambda v: np.asarray(v, SCALE_DTYPE), tree)
+    if (d / SCALES_DIR).is_dir():
+        tree = ocp.StandardCheckpointer().restore((d / SCALES_DIR).absolute())
+        return jax.tree.map(lambda v: np.asarray(v, SCALE_DTYPE), tree)
+    return {}
+
+
+def save_quant_scales(ckpt_dir, scales: dict) -> Path:
+    """Writes DIR/quant_scales.json atomically (temp file + os.replace). Python floats hold fp32
+    exactly, so the JSON round trip is lossless."""
+    path = Path(ckpt_dir) / SCALES_JSON
+    tree = jax.tree.map(lambda v: float(np.asarray(v, SCALE_DTYPE)), scales)
+    _write_text_atomic(path, json.dumps(tree, indent=1))
+    return path
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

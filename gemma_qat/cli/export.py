@@ -1,4 +1,4 @@
-"""`gemma-qat export` and `gemma-qat inspect`: thin wiring from the command line to gemma_qat.export.
+"""`gemma-qat export`: thin wiring from the command line to gemma_qat.export.
 
 Every writer is atomic (a temporary sibling renamed into place, or temp file + os.replace for GGUF)
 and refuses to replace an existing output unless --force.
@@ -6,8 +6,6 @@ and refuses to replace an existing output unless --force.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 FORMATS = ("q4_0", "mobile", "safetensors", "gguf")
@@ -25,15 +23,10 @@ def register(subparsers) -> None:
                    help="safetensors only: dtype of the written weights")
     s.add_argument("--max-shard-bytes", type=int, default=None, help="safetensors only: shard size limit")
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
-    s.set_defaults(fn=run_export)
-
-    s = subparsers.add_parser("inspect", help="format, tensors and sizes of an exported file or folder")
-    s.add_argument("path")
-    s.add_argument("--json", action="store_true", help="print the report as JSON")
-    s.set_defaults(fn=run_inspect)
+    s.set_defaults(fn=run)
 
 
-def run_export(args) -> int:
+def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:  # before loading anything
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
@@ -71,18 +64,3 @@ def _export_gguf(args) -> None:
     if resolution is None:
         raise ValueError("the checkpoint's meta.json has no recipe; pass --recipe q4_0 (or another preset)")
     export_gguf(config, params, resolution, args.out, tokenizer=args.tokenizer, force=args.force)
-
-
-def run_inspect(args) -> int:
-    from gemma_qat.export.inspect import format_inspect, inspect
-
-    info = inspect(args.path)
-    print(json.dumps(info, indent=2) if args.json else format_inspect(info))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """A parser with only these subcommands (tests, or running this module directly)."""
-    p = argparse.ArgumentParser(prog="gemma-qat")
-    register(p.add_subparsers(dest="command", required=True))
-    return p

@@ -9,7 +9,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
 
-from gemma_qat.hf_layout import config_from_hf, ignored_hf_names, tensor_maps
+from gemma_qat.hf.layout import config_from_hf, ignored_hf_names, tensor_maps
 from gemma_qat.model.config import ModelConfig
 
 # Multimodal checkpoints (Gemma4ForConditionalGeneration) keep the text decoder under

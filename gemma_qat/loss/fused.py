@@ -1,6 +1,6 @@
 """Fused head + loss: the logits, the loss and the loss's gradient in one chunked pass.
 
-The autodiff path (distill.py with remat) runs each [B, c, V] logits chunk three times for the
+The autodiff path (loss/distill.py with remat) runs each [B, c, V] logits chunk three times for the
 student (forward, recompute, backward) and twice for the teacher, and walks the fp32 logits in many
 separate elementwise passes. Here the loss is a scalar, so its gradient with respect to the logits
 is known in closed form during the forward: per chunk we form the student (and teacher) logits once,
@@ -17,9 +17,9 @@ dL/dE (+= dzᵀ · h, [V, D]). The backward only scales those by the incoming co
     dL/dz = dL/ds · (1 − (s/c)²)
 
 (the KL terms carry T² · (1/T) from Hinton's scaling and the temperature's chain rule). Loss values and
-aux metrics are those of distill.py's autodiff losses; aux is for logging and carries no gradient.
+aux metrics are those of loss/distill.py's autodiff losses; aux is for logging and carries no gradient.
 With `impl` auto on one GPU (or "pallas"), the "kl" and "ce" passes over each chunk's logits run as
-loss_kernel.py's two kernels (same math, tested against this file's XLA path); "topk" stays on XLA.
+loss/kernel.py's two kernels (same math, tested against this file's XLA path); "topk" stays on XLA.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gemma_qat import loss_kernel, sharding
+from gemma_qat import sharding
+from gemma_qat.loss import kernel as loss_kernel
+from gemma_qat.model.embed import logits_from_hidden
 
 Array = jax.Array
 # Finite stand-in for −inf when masking logits: keeps logsumexp and its gradient finite even if every
@@ -49,16 +51,6 @@ _GATHERED_TABLE_AXES = ("vocab", None)
 # 4x8xH100: 16.9 GB per step per GPU between hosts; E2B on 8xH100: 19.3 GB). preflight/memory.py counts
 # the fp32 gradient table unsharded over fsdp.
 _PARTIAL_TABLE_AXES = ("act_batch", "vocab", None)
-
-
-def logits_from_hidden(h: Array, embed: Array, *, softcap: float | None) -> Array:
-    """fp32 logits = softcap(h @ embed^T); h [..., D] any float, embed [V, D] (cast to h's dtype, as
-    the model's own head does: bf16 operands, fp32 accumulation, never an fp32 GEMM on bf16 h)."""
-    z = jnp.einsum("...d,vd->...v", h, embed.astype(h.dtype), preferred_element_type=jnp.float32)  # [..., V]
-    z = z.astype(jnp.float32)  # einsum may keep an fp64/other input dtype; pin fp32
-    if softcap is not None:
-        z = softcap * jnp.tanh(z / softcap)
-    return z
 
 
 def chunk_geometry(t: int, chunk_size: int) -> tuple[int, int]:

@@ -43,14 +43,15 @@ def _run_args(args) -> int:
 
 
 def register(subparsers) -> None:
-    """The `gemma-qat train` subcommand (gemma_qat/cli.py PIPELINE_COMMANDS)."""
+    """The `gemma-qat train` subcommand."""
     s = subparsers.add_parser("train", help="QAT distillation run from a TOML config plus key=value overrides")
     _add_arguments(s)
     s.set_defaults(fn=_run_args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__)
+    """`python -m gemma_qat.cli.train ...`: this one command, without the subcommand word."""
+    p = argparse.ArgumentParser(prog="python -m gemma_qat.cli.train", description=__doc__)
     _add_arguments(p)
     return _run_args(p.parse_args(argv))
 

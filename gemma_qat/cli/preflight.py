@@ -79,7 +79,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    """The `gemma-qat preflight` subcommand (gemma_qat/cli.py PIPELINE_COMMANDS)."""
+    """The `gemma-qat preflight` subcommand."""
     s = subparsers.add_parser("preflight", help="per-device memory and sharding of a run config on a "
                               "topology, AOT from a CPU host")
     _add_arguments(s)
@@ -87,12 +87,13 @@ def register(subparsers) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.preflight", description=__doc__)
+    """`python -m gemma_qat.cli.preflight ...`: this one command, without the subcommand word."""
+    p = argparse.ArgumentParser(prog="python -m gemma_qat.cli.preflight", description=__doc__)
     _add_arguments(p)
     args = p.parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as e:  # as gemma_qat.cli: one line, exit 2
+    except (ValueError, FileNotFoundError) as e:  # as gemma_qat.cli.main: one line, exit 2
         print(f"preflight: error: {e}", file=sys.stderr)
         return 2
 

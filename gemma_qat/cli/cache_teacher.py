@@ -51,14 +51,15 @@ def _run_args(args) -> int:
 
 
 def register(subparsers) -> None:
-    """The `gemma-qat cache-teacher` subcommand (add "pipelines.teacher_cache" to PIPELINE_COMMANDS)."""
+    """The `gemma-qat cache-teacher` subcommand."""
     s = subparsers.add_parser("cache-teacher", help="cache the teacher's top-k log-probs for offline distillation")
     _add_arguments(s)
     s.set_defaults(fn=_run_args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.teacher_cache", description=__doc__,
+    """`python -m gemma_qat.cli.cache_teacher ...`: this one command, without the subcommand word."""
+    p = argparse.ArgumentParser(prog="python -m gemma_qat.cli.cache_teacher", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
     return _run_args(p.parse_args(argv))

@@ -1,0 +1,33 @@
+"""`gemma-qat quantize --checkpoint DIR --recipe NAME --out DIR [--backend formats|aqt] [--force]`:
+post-training quantization of a float checkpoint (quant/ptq.py), the baseline QAT is measured against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    s = subparsers.add_parser("quantize", help="post-training quantization of a float checkpoint (the PTQ baseline)")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--recipe", required=True, help="q4_0, mobile, mobile-e2b or mobile-e4b")
+    s.add_argument("--out", required=True)
+    s.add_argument("--force", action="store_true", help="replace --out if it exists")
+    s.add_argument("--backend", choices=("formats", "aqt"), default="formats",
+                   help="who computes the fake-quant: formats.py or AQT (aqtp); the same bytes either way")
+    s.set_defaults(fn=run)
+
+
+def run(args) -> int:
+    from gemma_qat.model.checkpoint import load_model, read_meta, save_model
+    from gemma_qat.quant.ptq import dequantized_params
+    from gemma_qat.quant.recipe import get_recipe, resolve
+
+    config, params = load_model(args.checkpoint)
+    resolution = resolve(get_recipe(args.recipe, config), config)
+    print(resolution.report())
+    meta = {**read_meta(args.checkpoint), "kind": "ptq", "recipe": resolution.recipe.to_dict(),
+            "source": str(Path(args.checkpoint).absolute())}
+    save_model(args.out, dequantized_params(config, params, resolution, args.backend), config, meta=meta,
+               force=args.force)
+    print(f"PTQ ({args.recipe}) of {args.checkpoint} → {args.out}")
+    return 0

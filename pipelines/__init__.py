@@ -1,1 +1,0 @@
-"""Thin wiring from configs to the gemma_qat library: train, export, evaluate, demo."""
