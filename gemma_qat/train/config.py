@@ -17,7 +17,8 @@
 
 Every step count (total_steps, warmup_steps, every_steps, ...) counts train steps, i.e. batches of
 `data.global_batch_size`; with `optimizer.grad_accum_steps = k` the weights move every k steps.
-Load with `load_run_config(path, overrides)`; `to_dict()` is what gets saved beside checkpoints.
+Load with `load_run_config(path, overrides)`; `to_dict()` is what gets saved beside checkpoints (the
+resolved config, never a file's `base = ...` form). `resolved_toml` prints one in full (--print-config).
 """
 
 from __future__ import annotations
@@ -247,3 +248,18 @@ def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = (
 
 def from_dict(data: dict) -> RunConfig:
     return config_io.build(RunConfig, data)
+
+
+def resolved_toml(path: str | Path | None = None, overrides: Sequence[str] = ()) -> str:
+    """`path` + overrides as one self-contained TOML file (bases, defaults and overrides applied) that
+    loads back to the same RunConfig. A preset's `# topology:` line stays first: preflight reads it."""
+    cfg = load_run_config(path, overrides)
+    head = []
+    if path is not None:
+        for line in Path(path).read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            if line[1:].strip().startswith("topology:"):
+                head.append(line[1:].strip())
+    head.append(f"run config of {path or '(defaults)'}{' ' + ' '.join(overrides) if overrides else ''}, resolved")
+    return config_io.to_toml(cfg, head)

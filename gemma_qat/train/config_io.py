@@ -3,6 +3,10 @@ TOML file plus dotted `key=value` overrides, with one clear error per mistake.
 
 The schema is the dataclass tree itself (see `train/config.py`); this file knows nothing about
 training. Errors name the full dotted key, so `optimizer.lrr=1` says which level had which keys.
+
+A file may start from another: `base = "other.toml"` (top level, a path relative to the file) loads
+that first and lays this file's keys over it, so presets share one base and state only what
+differs. `to_toml` writes the resolved config back as one self-contained file.
 """
 
 from __future__ import annotations
@@ -161,11 +165,75 @@ def read_file(path: str | Path) -> dict:
         raise ValueError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {e}") from None
 
 
+BASE_KEY = "base"
+
+
+def read_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """`read_file` with the file's `base` chain resolved: base keys first, this file's keys on top
+    (tables merge key by key)."""
+    path = Path(path)
+    data = read_file(path)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"config file {path}: `{BASE_KEY}` must be a file name relative to it, got {base!r}")
+    seen = (*_seen, path.resolve())
+    base_path = path.parent / base
+    if base_path.resolve() in seen:
+        cycle = " → ".join(str(p) for p in (*seen, base_path.resolve()))
+        raise ValueError(f"config file {path}: `{BASE_KEY}` chain is a cycle: {cycle}")
+    if not base_path.is_file():
+        raise FileNotFoundError(f"config file {base_path} (the {BASE_KEY} of {path}) does not exist")
+    return merge(read_tree(base_path, seen), data)
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults ← file ← overrides, validated into `cls`."""
-    data = read_file(path) if path is not None else {}
+    """Defaults ← file (and its bases) ← overrides, validated into `cls`."""
+    data = read_tree(path) if path is not None else {}
     return build(cls, merge(data, parse_overrides(cls, overrides)))
 
 
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # repr round-trips floats; TOML spells inf and nan as Python does
+    if isinstance(value, str):
+        # A JSON string is a TOML basic string, except that TOML also wants DEL escaped.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    raise TypeError(f"no TOML spelling for {value!r}")
+
+
+def to_toml(obj, header: Sequence[str] = ()) -> str:
+    """Every key of the config dataclass `obj` as TOML that loads back (`build`) to an equal object.
+    TOML has no null: a None is written as a comment and loads back as the field's default, so
+    that default must be None."""
+    lines = [f"# {h}" if h else "#" for h in header]
+
+    def table(node, name: str) -> None:
+        fields = dataclasses.fields(node)
+        if name:
+            lines.extend(["", f"[{name}]"])
+        for f in fields:
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                continue
+            if value is None:
+                if f.default is not None:
+                    raise ValueError(f"config key {name + '.' if name else ''}{f.name} is None but defaults to "
+                                     f"{f.default!r}; TOML cannot say None")
+                lines.append(f"# {f.name} = (none)")
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        for f in fields:  # tables after every plain key of this level, as TOML requires
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                table(value, f"{name}.{f.name}" if name else f.name)
+
+    table(obj, "")
+    return "\n".join(lines) + "\n"
