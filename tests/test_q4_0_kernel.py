@@ -82,7 +82,7 @@ def test_which_shapes_and_backends_take_the_kernel():
 
 
 def test_auto_takes_the_kernel_only_on_one_nvidia_gpu(fake_devices):
-    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=8, recipe="fsdp")) if jax.device_count() >= 8 else None
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=8, parallelism="fsdp")) if jax.device_count() >= 8 else None
     world = fake_devices
     world("gpu")
     assert q4_0_kernel.use_kernel("auto", (2048, 8192), 0)

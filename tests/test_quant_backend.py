@@ -35,7 +35,7 @@ def test_ptq_is_byte_identical_across_backends(recipe):
 
 @pytest.mark.parametrize("model,recipe,devices,mesh", [
     ("tiny-e2b", "mobile", 1, []),
-    ("tiny-26b-a4b", "q4_0", 4, ["mesh.fsdp=2", "mesh.expert=2", "mesh.recipe=fsdp_tp_ep"]),
+    ("tiny-26b-a4b", "q4_0", 4, ["mesh.fsdp=2", "mesh.expert=2", "mesh.parallelism=fsdp_tp_ep"]),
 ])
 def test_training_is_bit_identical_across_backends(tmp_path, model, recipe, devices, mesh):
     runs = {}

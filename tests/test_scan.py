@@ -109,16 +109,16 @@ def test_scan_is_traced_once_per_group():
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 def test_scanned_sharded_logits_equal_unsharded():
-    cfg, mesh_config = DEEP_E2B, sharding.MeshConfig(data=2, fsdp=2, tensor=2, recipe="fsdp_tp")
+    cfg, mesh_config = DEEP_E2B, sharding.MeshConfig(data=2, fsdp=2, tensor=2, parallelism="fsdp_tp")
     params = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (8, 20), 0, cfg.vocab_size)
     ref = Transformer(cfg).apply({"params": params}, tokens)
     mesh = sharding.make_mesh(mesh_config)
-    shardings = sharding.tree_shardings(abstract_params(cfg), logical_axes(cfg), mesh, mesh_config.recipe)
+    shardings = sharding.tree_shardings(abstract_params(cfg), logical_axes(cfg), mesh, mesh_config.parallelism)
     params_s = jax.device_put(params, shardings)
-    tokens_s = jax.device_put(tokens, sharding.batch_sharding(mesh, mesh_config.recipe))
+    tokens_s = jax.device_put(tokens, sharding.batch_sharding(mesh, mesh_config.parallelism))
     model = Transformer(cfg, scan_layers=True, remat="full")
-    with sharding.activate(mesh, mesh_config.recipe):
+    with sharding.activate(mesh, mesh_config.parallelism):
         out = jax.jit(lambda p, t: model.apply({"params": p}, t))(params_s, tokens_s)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=5e-5)
 

@@ -8,7 +8,8 @@
     [distill]     temperature / alpha and their schedules, loss chunk size, loss_impl (xla | pallas | auto)
     [quant]       student quantization recipe name (`none` = float student); q4_0_impl (xla | pallas | auto);
                   backend (formats | aqt: who computes the fake-quant, same bits)
-    [mesh]        sharding.MeshConfig fields (data, fsdp, tensor, expert, recipe)
+    [mesh]        sharding.MeshConfig fields (data, fsdp, tensor, expert, parallelism: the sharding
+                  rules fsdp | fsdp_tp | fsdp_tp_ep; formerly `recipe`)
     [checkpoint]  where and how often, how many to keep
     [logging]     cadence, TensorBoard, peak FLOP/s for MFU
     [guard]       loss-spike guard (train/guard.py; non-finite losses always stop the run)
@@ -39,6 +40,10 @@ from gemma_qat.train import config_io
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "linear", "cosine")
 GUARD_ACTIONS = ("warn", "stop")
+# Old dotted key → new. A TOML file or override with the old key is an error naming the new one; a
+# saved run config (config.json, a checkpoint's copy, meta.json's run_config) is upgraded, so runs
+# saved before the rename still resume and evaluate.
+RENAMED = {"mesh.recipe": "mesh.parallelism"}
 # `data.spec = "python-corpus"` builds the Python stdlib corpus under the run dir (no downloads).
 PYTHON_CORPUS = "python-corpus"
 
@@ -243,11 +248,12 @@ def _problems(c: RunConfig) -> list[str]:
 
 def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Defaults ← TOML (or a saved config.json) ← `key=value` overrides."""
-    return config_io.load(RunConfig, path, overrides)
+    return config_io.load(RunConfig, path, overrides, RENAMED)
 
 
 def from_dict(data: dict) -> RunConfig:
-    return config_io.build(RunConfig, data)
+    """A saved run config (`to_dict()`), from this or an older version."""
+    return config_io.build(RunConfig, config_io.upgrade(data, RENAMED), renamed=RENAMED)
 
 
 def resolved_toml(path: str | Path | None = None, overrides: Sequence[str] = ()) -> str:

@@ -24,6 +24,7 @@ except ModuleNotFoundError:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 T = TypeVar("T")
+_NO_RENAMES: Mapping[str, str] = types.MappingProxyType({})
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
@@ -97,8 +98,34 @@ def _known(cls) -> str:
     return ", ".join(f.name for f in dataclasses.fields(cls))
 
 
-def build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Nested dict → nested dataclass, checking every key and value type."""
+def _renamed_error(key: str, renamed: Mapping[str, str]) -> None:
+    if key in renamed:
+        raise ValueError(f"config key {key!r} was renamed {renamed[key]!r}; set {renamed[key]} instead")
+
+
+def upgrade(data: Mapping, renamed: Mapping[str, str]) -> dict:
+    """A config saved by an older version (config.json beside a run, a checkpoint's copy) with each
+    renamed dotted key moved to its new name; a file a person edits gets an error instead (`build`)."""
+    out = merge(data, {})
+    for old, new in renamed.items():
+        *path, last = old.split(".")
+        node = out
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            continue
+        value = node.pop(last)
+        *new_path, new_last = new.split(".")
+        target = out
+        for part in new_path:
+            target = target.setdefault(part, {})
+        target.setdefault(new_last, value)
+    return out
+
+
+def build(cls: type[T], data: Mapping[str, Any], prefix: str = "", renamed: Mapping[str, str] = _NO_RENAMES) -> T:
+    """Nested dict → nested dataclass, checking every key and value type. `renamed`: old dotted key →
+    new one, for an error that names the new key."""
     if not isinstance(data, Mapping):
         raise ValueError(f"config key {prefix.rstrip('.') or '<root>'} must be a table, got {data!r}")
     hints = _hints(cls)
@@ -107,19 +134,21 @@ def build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     for k, v in data.items():
         key = prefix + k
         if k not in names:
+            _renamed_error(key, renamed)
             level = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
             raise ValueError(f"unknown config key {key!r}; known keys at {level}: {_known(cls)}")
         tp = hints[k]
-        kwargs[k] = build(tp, v, key + ".") if dataclasses.is_dataclass(tp) else _coerce(v, tp, key)
+        kwargs[k] = build(tp, v, key + ".", renamed) if dataclasses.is_dataclass(tp) else _coerce(v, tp, key)
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict, cls, dotted: str, text: str) -> None:
+def _set_dotted(tree: dict, cls, dotted: str, text: str, renamed: Mapping[str, str]) -> None:
     parts = dotted.split(".")
     node, node_cls, walked = tree, cls, ""
     for i, part in enumerate(parts):
         hints = _hints(node_cls)
         if part not in hints:
+            _renamed_error(dotted, renamed)
             level = f"[{walked}]" if walked else "the top level"
             raise ValueError(f"unknown config key {dotted!r}; known keys at {level}: {_known(node_cls)}")
         tp = hints[part]
@@ -135,14 +164,14 @@ def _set_dotted(tree: dict, cls, dotted: str, text: str) -> None:
             node_cls = tp
 
 
-def parse_overrides(cls, overrides: Sequence[str]) -> dict:
+def parse_overrides(cls, overrides: Sequence[str], renamed: Mapping[str, str] = _NO_RENAMES) -> dict:
     """['optimizer.lr=1e-3', 'mesh.fsdp=4'] → nested dict of typed values."""
     tree: dict = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} is not of the form key=value (e.g. optimizer.lr=3e-4)")
-        _set_dotted(tree, cls, key.strip(), text.strip())
+        _set_dotted(tree, cls, key.strip(), text.strip(), renamed)
     return tree
 
 
@@ -188,10 +217,14 @@ def read_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     return merge(read_tree(base_path, seen), data)
 
 
-def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults ← file (and its bases) ← overrides, validated into `cls`."""
+def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+         renamed: Mapping[str, str] = _NO_RENAMES) -> T:
+    """Defaults ← file (and its bases) ← overrides, validated into `cls`. A JSON file is a saved
+    config, whose renamed keys are upgraded; in TOML and overrides an old key is an error."""
     data = read_tree(path) if path is not None else {}
-    return build(cls, merge(data, parse_overrides(cls, overrides)))
+    if path is not None and Path(path).suffix == ".json":
+        data = upgrade(data, renamed)
+    return build(cls, merge(data, parse_overrides(cls, overrides, renamed)), renamed=renamed)
 
 
 def to_dict(obj) -> dict:
