@@ -67,10 +67,10 @@ def _cmd_logits(args) -> int:
 def _cmd_quantize(args) -> int:
     from gemma_qat.checkpoint import load_model, read_meta, save_model
     from gemma_qat.quant.ptq import dequantized_params
-    from gemma_qat.quant.recipe import get_recipe, resolve
+    from gemma_qat.quant.recipe import resolve_recipe
 
     config, params = load_model(args.checkpoint)
-    resolution = resolve(get_recipe(args.recipe, config), config)
+    resolution = resolve_recipe(args.recipe, config)
     print(resolution.report())
     meta = {**read_meta(args.checkpoint), "kind": "ptq", "recipe": resolution.recipe.to_dict(),
             "source": str(Path(args.checkpoint).absolute())}

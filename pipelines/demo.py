@@ -25,7 +25,7 @@ import jax
 from gemma_qat.checkpoint import load_model, read_meta, save_model
 from gemma_qat.quant.policy import calibrate
 from gemma_qat.quant.ptq import dequantized_params
-from gemma_qat.quant.recipe import get_recipe, resolve
+from gemma_qat.quant.recipe import resolve_recipe
 from gemma_qat.train.config import load_run_config
 from gemma_qat.train.loop import FINAL_MODEL_DIR, train
 from pipelines.evaluate import print_table
@@ -98,7 +98,7 @@ def run_demo(work: Path, *, fresh: bool = False) -> int:
     ptq_dir = work / "ptq-q4_0"
     s = _Stage(4, "PTQ baseline: the teacher quantized directly with the q4_0 recipe", ptq_dir)
     if not s.done:
-        res = resolve(get_recipe("q4_0", config), config)
+        res = resolve_recipe("q4_0", config)
         save_model(ptq_dir, dequantized_params(config, teacher_params, res), config,
                    meta={**read_meta(teacher_dir), "kind": "ptq", "recipe": res.recipe.to_dict()})
     s.finish()
@@ -157,7 +157,7 @@ def _exports(work: Path, exports: Path, qat_dir: Path, mobile_dir: Path, teacher
 
     # Mobile: the teacher PTQ'd with the mobile recipe, activation scales calibrated on training text.
     config, t_params = load_model(teacher_dir)
-    mres = resolve(get_recipe("mobile", config), config)
+    mres = resolve_recipe("mobile", config)
     mobile_ckpt = work / "ptq-mobile"
     if not mobile_ckpt.exists():
         batches = make_eval_batches(f"jsonl:{data_dir / 'train.jsonl'}", Tokenizer.load(tokenizer), seq_len=128,

@@ -63,7 +63,7 @@ def run_eval(args) -> int:
     from gemma_qat.data import Tokenizer, check_vocab, make_eval_batches
     from gemma_qat.eval.candidates import from_checkpoint, load_candidate, ptq_candidate
     from gemma_qat.eval.metrics import evaluate, quant_errors
-    from gemma_qat.quant.recipe import get_recipe, resolve
+    from gemma_qat.quant.recipe import resolve_recipe
 
     specs = _pairs(args.candidates, "candidate")  # check every argument before loading anything
     curves = _pairs(args.curves, "curve")
@@ -80,7 +80,7 @@ def run_eval(args) -> int:
     tok = Tokenizer.load(args.tokenizer)
     check_vocab(tok, teacher.config.vocab_size)
     cands = []
-    resolution = resolve(get_recipe(args.recipe, teacher.config), teacher.config)
+    resolution = resolve_recipe(args.recipe, teacher.config)
     if args.ptq:
         name = f"ptq-{resolution.recipe.name}"
         cands.append(ptq_candidate(name, teacher.config, teacher.variables["params"], resolution,

@@ -34,7 +34,7 @@ from gemma_qat.model.layers import NoQuant
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant.policy import SCALES, RecipePolicy
 from gemma_qat.quant.ptq import dequantized_params
-from gemma_qat.quant.recipe import Resolution, get_recipe, resolve
+from gemma_qat.quant.recipe import Resolution, resolve_recipe
 
 _NOQUANT = NoQuant()
 _FORWARDS: dict = {}  # (config, policy key, dtype) -> jitted forward; candidates of one model share compiles
@@ -103,7 +103,7 @@ def ptq_candidate(name: str, config: ModelConfig, params, recipe: str | Resoluti
                   dtype=jnp.float32) -> Candidate:
     """The PTQ baseline: the teacher's weights replaced by their dequantized recipe values, run as a
     float model (the same numbers the fake-quant policy computes with)."""
-    res = recipe if isinstance(recipe, Resolution) else resolve(get_recipe(recipe, config), config)
+    res = recipe if isinstance(recipe, Resolution) else resolve_recipe(recipe, config)
     return jax_candidate(name, "ptq", source or f"PTQ {res.recipe.name}", config,
                          dequantized_params(config, params, res), recipe=res.recipe.name, dtype=dtype)
 

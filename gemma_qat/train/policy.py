@@ -12,7 +12,7 @@ from typing import Callable
 from gemma_qat.model.config import ModelConfig
 from gemma_qat.model.layers import NoQuant, QuantPolicy
 from gemma_qat.quant.policy import RecipePolicy
-from gemma_qat.quant.recipe import get_recipe, resolve
+from gemma_qat.quant.recipe import resolve_recipe
 
 PolicyFactory = Callable[[ModelConfig], QuantPolicy]
 
@@ -31,7 +31,7 @@ def register_policy(name: str, factory: PolicyFactory) -> None:
 def recipe_policy(name: str, config: ModelConfig, q4_0_impl: str = "auto", backend: str = "formats") -> RecipePolicy:
     """A preset recipe resolved for `config` (cached: the same policy object keeps compiled steps).
     backend: "formats" or "aqt" (quant/policy.py BACKENDS), the fake-quant's implementation."""
-    return RecipePolicy(resolve(get_recipe(name, config), config), q4_0_impl=q4_0_impl, backend=backend)
+    return RecipePolicy(resolve_recipe(name, config), q4_0_impl=q4_0_impl, backend=backend)
 
 
 def resolve_policy(name: str, config: ModelConfig, q4_0_impl: str = "auto", backend: str = "formats") -> QuantPolicy:
