@@ -163,3 +163,31 @@ def test_cli_train_rejects_non_finite_floats_in_one_line(capsys, tmp_path, overr
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and f"{key}={shown} must be a finite number" in err, err
     assert not (tmp_path / "run").exists()  # rejected before anything is written
+
+
+# --- every name is checked when the config loads -----------------------------------------------
+@pytest.mark.parametrize("command", ["train", "preflight"])
+@pytest.mark.parametrize("override,choices", [
+    ("quant.recipe=q4_O", "'q4_0', 'mobile', 'mobile-e2b', 'mobile-e4b']"),  # after 'none' and registered names
+    ("quant.q4_0_impl=triton", "['auto', 'xla', 'pallas']"),
+    ("quant.backend=torchao", "['formats', 'aqt']"),
+    ("distill.loss_impl=cuda", "['auto', 'xla', 'pallas']"),
+    ("attention=flash", "['xla', 'cudnn', 'auto']"),
+    ("remat=some", "['none', 'full', 'dots', 'weights']"),
+    ("mesh.parallelism=zero3", "['fsdp', 'fsdp_tp', 'fsdp_tp_ep']"),
+])
+def test_cli_unknown_name_is_one_line_with_key_value_and_choices(capsys, tmp_path, command, override, choices):
+    """Raised by config loading, so neither command reads data, a tokenizer or a model first."""
+    from gemma_qat import cli
+    key, value = override.split("=")
+    args = [command, "--config", str(REPO / "configs" / "tiny.toml"), f"run_dir={tmp_path}/run", override]
+    rc = cli.main(args + (["--topology", "8xH100"] if command == "preflight" else []))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and f"{key}={value!r} must be one of [" in err and choices in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_quant_recipe_accepts_presets_in_any_case_and_registered_names():
+    assert load_run_config(None, ["quant.recipe=Q4_0"]).quant.recipe == "Q4_0"  # get_recipe lowercases
+    policy.register_policy("test-registered", lambda c: NoQuant())
+    assert load_run_config(None, ["quant.recipe=test-registered"]).quant.recipe == "test-registered"

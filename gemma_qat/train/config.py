@@ -6,7 +6,8 @@
     [data]        spec, tokenizer, seq_len, global_batch_size, seed
     [optimizer]   AdamW + warmup/cosine, clipping, accumulation, dtypes
     [distill]     temperature / alpha and their schedules, loss chunk size, loss_impl (xla | pallas | auto)
-    [quant]       student quantization recipe name (`none` = float student); q4_0_impl (xla | pallas | auto);
+    [quant]       student quantization recipe name (`none` = float student, a preset of quant/recipe.py,
+                  or a name registered with train/policy.py); q4_0_impl (xla | pallas | auto);
                   backend (formats | aqt: who computes the fake-quant, same bits)
     [mesh]        sharding.MeshConfig fields (data, fsdp, tensor, expert, parallelism: the sharding
                   rules fsdp | fsdp_tp | fsdp_tp_ep; formerly `recipe`)
@@ -35,7 +36,7 @@ from gemma_qat.loss_kernel import IMPLS as LOSS_IMPLS
 from gemma_qat.quant.policy import BACKENDS as QUANT_BACKENDS
 from gemma_qat.quant.q4_0_kernel import IMPLS as Q4_0_IMPLS
 from gemma_qat.sharding import MeshConfig
-from gemma_qat.train import config_io
+from gemma_qat.train import config_io, policy as policy_lib
 
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -207,6 +208,8 @@ def _problems(c: RunConfig) -> list[str]:
     _choice(p, "attention", c.attention, ATTENTION_IMPLS)
     _choice(p, "quant.q4_0_impl", c.quant.q4_0_impl, Q4_0_IMPLS)
     _choice(p, "quant.backend", c.quant.backend, QUANT_BACKENDS)
+    if not policy_lib.is_known(c.quant.recipe):  # else a typo surfaces only after data and tokenizer load
+        p.append(f"quant.recipe={c.quant.recipe!r} must be one of {policy_lib.known_names()}")
     _choice(p, "distill.loss_impl", s.loss_impl, LOSS_IMPLS)
     _choice(p, "optimizer.param_dtype", o.param_dtype, DTYPES)
     _choice(p, "optimizer.compute_dtype", o.compute_dtype, DTYPES)

@@ -12,7 +12,7 @@ from typing import Callable
 from gemma_qat.model.config import ModelConfig
 from gemma_qat.model.layers import NoQuant, QuantPolicy
 from gemma_qat.quant.policy import RecipePolicy
-from gemma_qat.quant.recipe import resolve_recipe
+from gemma_qat.quant.recipe import PRESETS, resolve_recipe
 
 PolicyFactory = Callable[[ModelConfig], QuantPolicy]
 
@@ -25,6 +25,16 @@ _REGISTRY: dict[str, PolicyFactory] = {"none": lambda config: _NO_QUANT}
 def register_policy(name: str, factory: PolicyFactory) -> None:
     """Makes `quant.recipe = name` resolve to `factory(model_config)`."""
     _REGISTRY[name] = factory
+
+
+def known_names() -> list[str]:
+    """Every `quant.recipe` that resolves (registered names, then presets): the config checks
+    against this when it loads, before any data or model is touched."""
+    return [*_REGISTRY, *PRESETS]
+
+
+def is_known(name: str) -> bool:
+    return name in _REGISTRY or name.lower() in PRESETS  # presets in any case, as get_recipe
 
 
 @functools.lru_cache(maxsize=16)
