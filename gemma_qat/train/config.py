@@ -42,8 +42,8 @@ DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "linear", "cosine")
 GUARD_ACTIONS = ("warn", "stop")
 # Old dotted key → new. A TOML file or override with the old key is an error naming the new one; a
-# saved run config (config.json, a checkpoint's copy, meta.json's run_config) is upgraded, so runs
-# saved before the rename still resume and evaluate.
+# saved run config (a .json file such as <run_dir>/config.json, or `from_dict` of a checkpoint's copy
+# or of meta.json's run_config) is upgraded, so runs saved before the rename still resume and evaluate.
 RENAMED = {"mesh.recipe": "mesh.parallelism"}
 # `data.spec = "python-corpus"` builds the Python stdlib corpus under the run dir (no downloads).
 PYTHON_CORPUS = "python-corpus"
