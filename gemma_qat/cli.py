@@ -34,14 +34,14 @@ def _cmd_import_hf(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from gemma_qat.checkpoint import save_model
+    from gemma_qat.checkpoint import CheckpointMeta, save_model
     from gemma_qat.hf import load_hf
 
     dtype = {"keep": None, "bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     config, params = load_hf(args.hf_dir, dtype=dtype)
     stored = str(jax.tree.leaves(params)[0].dtype)
     save_model(args.out_dir, params, config, force=args.force,
-               meta={"source": str(Path(args.hf_dir).absolute()), "param_dtype": stored, "kind": "float"})
+               meta=CheckpointMeta(kind="float", param_dtype=stored, source=str(Path(args.hf_dir).absolute())))
     print(f"imported {config.name} ({config.num_layers} layers, {stored}) → {args.out_dir}")
     return 0
 
@@ -65,6 +65,8 @@ def _cmd_logits(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
+    import dataclasses
+
     from gemma_qat.checkpoint import load_model, read_meta, save_model
     from gemma_qat.quant.ptq import dequantized_params
     from gemma_qat.quant.recipe import resolve_recipe
@@ -72,8 +74,8 @@ def _cmd_quantize(args) -> int:
     config, params = load_model(args.checkpoint)
     resolution = resolve_recipe(args.recipe, config)
     print(resolution.report())
-    meta = {**read_meta(args.checkpoint), "kind": "ptq", "recipe": resolution.recipe.to_dict(),
-            "source": str(Path(args.checkpoint).absolute())}
+    meta = dataclasses.replace(read_meta(args.checkpoint), kind="ptq", recipe=resolution.recipe.to_dict(),
+                               source=str(Path(args.checkpoint).absolute()))
     save_model(args.out, dequantized_params(config, params, resolution, args.backend), config, meta=meta,
                force=args.force)
     print(f"PTQ ({args.recipe}) of {args.checkpoint} → {args.out}")

@@ -15,6 +15,7 @@ Every stage writes into its own folder under the work dir and is skipped when it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -100,7 +101,7 @@ def run_demo(work: Path, *, fresh: bool = False) -> int:
     if not s.done:
         res = resolve_recipe("q4_0", config)
         save_model(ptq_dir, dequantized_params(config, teacher_params, res), config,
-                   meta={**read_meta(teacher_dir), "kind": "ptq", "recipe": res.recipe.to_dict()})
+                   meta=dataclasses.replace(read_meta(teacher_dir), kind="ptq", recipe=res.recipe.to_dict()))
     s.finish()
 
     exports = work / "exports"
@@ -164,6 +165,6 @@ def _exports(work: Path, exports: Path, qat_dir: Path, mobile_dir: Path, teacher
                                     global_batch_size=8, num_batches=4)
         scales = calibrate(config, t_params, mres, batches)
         save_model(mobile_ckpt, t_params, config,
-                   meta={**read_meta(teacher_dir), "kind": "ptq", "recipe": mres.recipe.to_dict()})
+                   meta=dataclasses.replace(read_meta(teacher_dir), kind="ptq", recipe=mres.recipe.to_dict()))
         save_quant_scales(mobile_ckpt, scales)
     export_mobile(mobile_ckpt, exports / "teacher-mobile", tokenizer=tokenizer, force=True)

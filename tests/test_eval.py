@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_qat.checkpoint import save_model
+from gemma_qat.checkpoint import CheckpointMeta, save_model
 from gemma_qat.data import build_python_corpus, train_sentencepiece
 from gemma_qat.data.packing import pack_documents, stack_rows
 from gemma_qat.eval import candidates as C
@@ -57,7 +57,7 @@ def _batches():
 
 
 def _ckpt(tmp_path, name, params, meta):
-    return save_model(tmp_path / name, params, get_config(MODEL), meta={"param_dtype": "float32", **meta})
+    return save_model(tmp_path / name, params, get_config(MODEL), meta=CheckpointMeta(param_dtype="float32", **meta))
 
 
 def _torch_reference(t_logits, c_logits, batches):

@@ -16,7 +16,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from gemma_qat.checkpoint import save_model
+from gemma_qat.checkpoint import CheckpointMeta, save_model
 from gemma_qat.export import common, mobile, orbax_q4_0, safetensors_hf
 from gemma_qat.export.inspect import format_inspect, inspect
 from gemma_qat.hf import load_hf
@@ -61,7 +61,7 @@ def hf_model(tmp_path_factory):
 
 
 def _student(tmp_path, cfg, params, res=None, scales=None):
-    meta = {"param_dtype": "float32", "step": 42, **({"recipe": res.recipe.to_dict()} if res else {})}
+    meta = CheckpointMeta(param_dtype="float32", step=42, recipe=res.recipe.to_dict() if res else None)
     ck = save_model(tmp_path / "student", params, cfg, meta=meta)
     if scales is not None:
         common.save_quant_scales(ck, scales)

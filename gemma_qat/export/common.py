@@ -50,8 +50,7 @@ def load_student(ckpt_dir, recipe: str | None = None):
     (a preset name) is used only when meta has none, and must agree with it when both exist, since a
     student trained against one recipe exported under another would not be that student."""
     config, params = load_model(ckpt_dir)
-    meta = read_meta(ckpt_dir)
-    stored = meta.get("recipe")
+    stored = read_meta(ckpt_dir).recipe
     resolution = None
     if stored is not None:
         rec = Recipe.from_dict(stored)
@@ -226,7 +225,7 @@ def read_export(path, fmt: str):
 
 def source_info(ckpt_dir) -> dict:
     meta = read_meta(ckpt_dir)
-    return {"checkpoint": str(Path(ckpt_dir).absolute()), "step": meta.get("step"), "kind": meta.get("kind")}
+    return {"checkpoint": str(Path(ckpt_dir).absolute()), "step": meta.step, "kind": meta.kind}
 
 
 def warn_uncalibrated(resolution: Resolution, scales: dict) -> None:

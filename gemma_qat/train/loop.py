@@ -247,9 +247,10 @@ def save_final_model(cfg: RunConfig, run: _Run, state) -> Path:
     """<run_dir>/model: the trained student as a model checkpoint (params, config, and in meta the
     recipe it was trained under and the tokenizer), which export, eval and a next run start from."""
     recipe = getattr(run.policy, "resolution", None)
-    meta = {"kind": "qat" if recipe is not None else "float", "step": int(jax.device_get(state.step)),
-            "param_dtype": cfg.optimizer.param_dtype, "tokenizer": run.tokenizer,
-            "run_config": cfg.to_dict(), **({"recipe": recipe.recipe.to_dict()} if recipe is not None else {})}
+    meta = checkpoint.CheckpointMeta(
+        kind="qat" if recipe is not None else "float", step=int(jax.device_get(state.step)),
+        param_dtype=cfg.optimizer.param_dtype, tokenizer=run.tokenizer, run_config=cfg.to_dict(),
+        recipe=recipe.recipe.to_dict() if recipe is not None else None)
     out = Path(cfg.run_dir) / FINAL_MODEL_DIR
     checkpoint.save_model(out, state.params, run.model_config, meta=meta, force=True)
     scales = getattr(run.policy, "static_scales", None)
