@@ -25,7 +25,7 @@ from gemma_qat.model.params import abstract_params, flat_shapes
 from gemma_qat.quant import formats
 from gemma_qat.quant.policy import weight_axes, weight_in_axes
 from gemma_qat.quant.q4_0_kernel import Launch, q4_0_fake_quant_fused, supported
-from gemma_qat.quant.recipe import get_recipe, resolve
+from gemma_qat.quant.recipe import resolve_recipe
 from timing import median_seconds
 
 
@@ -35,7 +35,7 @@ SWEEP = [Launch(t, w) for t in (128, 256, 512, 1024) for w in (2, 4, 8)]
 def _weights(name: str, limit: int):
     cfg = bench_config(name)
     axes, shapes = weight_in_axes(cfg), flat_shapes(abstract_params(cfg))
-    res = resolve(get_recipe("q4_0", cfg), cfg)
+    res = resolve_recipe("q4_0", cfg)
     items = [(p, shapes[p], weight_axes(f, axes[p])) for p, f in sorted(res.quantized().items()) if f == "q4_0"]
     return items[:limit] if limit else items
 

@@ -40,7 +40,7 @@ from gemma_qat.model.transformer import Transformer
 from gemma_qat.preflight.report import cost_stats
 from gemma_qat.quant.policy import RecipePolicy
 from gemma_qat.quant.q4_0_kernel import IMPLS as Q4_0_IMPLS
-from gemma_qat.quant.recipe import get_recipe, resolve
+from gemma_qat.quant.recipe import resolve_recipe
 from gemma_qat.train.config import DistillSection, OptimizerSection
 from gemma_qat.train.metrics import matmul_params
 from gemma_qat.train.optimizer import lr_schedule, make_optimizer
@@ -126,7 +126,7 @@ def _pipeline_step(args, cfg, mode, student, teacher, params, tokens, labels):
 def run_mode(args) -> dict:
     cfg = bench_config(args.config)
     mode = args.mode
-    quant = RecipePolicy(resolve(get_recipe("q4_0", cfg), cfg), q4_0_impl=args.q4_0_impl) if "qat" in mode else None
+    quant = RecipePolicy(resolve_recipe("q4_0", cfg), q4_0_impl=args.q4_0_impl) if "qat" in mode else None
     kw = dict(dtype=jnp.bfloat16, remat=args.remat, attention=args.attention, grouped=args.grouped,
               scan_layers=args.scan_layers)
     student = Transformer(cfg, **({"quant": quant} if quant else {}), **kw)

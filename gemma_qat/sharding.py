@@ -1,7 +1,8 @@
-"""Device mesh and the logical-axis rules of each parallelism recipe.
+"""Device mesh and the logical-axis rules of each parallelism (`mesh.parallelism` in a run config).
 
 Layers name logical axes only (`embed`, `q_heads`, `act_batch`, ...); this file is the one place
-that says which mesh axes they map to. Adding a recipe means adding a table, not touching the model.
+that says which mesh axes they map to. Adding a parallelism means adding a table, not touching the
+model. (The key was once `mesh.recipe`; a quantization recipe is another thing.)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 _BATCH = ("data", "fsdp")
 _COMMON = (("norm", None), ("head_dim", None), ("act_seq", None), ("act_embed", None))
 
-# Each recipe: logical name → mesh axis / tuple of axes / None (replicated). A mesh axis serves one
+# Each parallelism: logical name → mesh axis / tuple of axes / None (replicated). A mesh axis serves one
 # dimension per array, taken in rule order: "ple" → fsdp shards the E models' PLE table [V, L, P]
 # (2.35 B parameters in E2B) along P, while weights that also have "embed" keep fsdp on the model dim.
 RULES: dict[str, tuple[tuple[str, object], ...]] = {
@@ -51,11 +52,11 @@ class MeshConfig:
     fsdp: int = -1
     tensor: int = 1
     expert: int = 1
-    recipe: str = "fsdp"
+    parallelism: str = "fsdp"  # a key of RULES
 
     def __post_init__(self):
-        if self.recipe not in RULES:
-            raise ValueError(f"unknown sharding recipe {self.recipe!r}; choose one of {sorted(RULES)}")
+        if self.parallelism not in RULES:
+            raise ValueError(f"mesh.parallelism={self.parallelism!r} must be one of {sorted(RULES)}")
         sizes = [self.data, self.fsdp, self.tensor, self.expert]
         if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
             raise ValueError(f"mesh sizes must be positive with at most one -1, got {dict(zip(MESH_AXES, sizes))}")
@@ -80,8 +81,8 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def rules(recipe: str):
-    return RULES[recipe]
+def rules(parallelism: str):
+    return RULES[parallelism]
 
 
 def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
@@ -99,10 +100,10 @@ def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSp
     return PartitionSpec(*out)
 
 
-def tree_shardings(abstract_tree, logical_specs, mesh: Mesh, recipe: str):
-    """NamedSharding per leaf from its logical PartitionSpec under the recipe's rules."""
+def tree_shardings(abstract_tree, logical_specs, mesh: Mesh, parallelism: str):
+    """NamedSharding per leaf from its logical PartitionSpec under the parallelism's rules."""
     def one(a, spec):
-        mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules(recipe))
+        mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules(parallelism))
         return NamedSharding(mesh, _fit(mesh_spec, tuple(a.shape), mesh))
     return jax.tree.map(one, abstract_tree, logical_specs,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -125,15 +126,15 @@ def mesh_axes(name: str) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
-def batch_sharding(mesh: Mesh, recipe: str) -> NamedSharding:
-    """[B, T] inputs: batch over the recipe's batch axes."""
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch", None), rules(recipe)))
+def batch_sharding(mesh: Mesh, parallelism: str) -> NamedSharding:
+    """[B, T] inputs: batch over the parallelism's batch axes."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch", None), rules(parallelism)))
 
 
 @contextlib.contextmanager
-def activate(mesh: Mesh, recipe: str) -> Iterator[None]:
+def activate(mesh: Mesh, parallelism: str) -> Iterator[None]:
     """Context in which the model's logical activation constraints resolve against `mesh`."""
     # `jax.set_mesh` replaces the deprecated `with mesh:`; older jax only has the latter.
     mesh_ctx = jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
-    with mesh_ctx, nn.logical_axis_rules(rules(recipe)):
+    with mesh_ctx, nn.logical_axis_rules(rules(parallelism)):
         yield

@@ -84,7 +84,7 @@ def test_auto_takes_cudnn_only_where_tensor_parallelism_splits_kv_heads_like_que
     monkeypatch.setattr(attention, "fused_sdpa", lambda *a, **k: calls.append(1) or a[0])
     q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(2, 16, 4, kv_heads, 32))
     mask = attention_mask(jnp.ones((2, 16), jnp.int32), None)
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=2, recipe="fsdp_tp"))
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=2, parallelism="fsdp_tp"))
     with sharding.activate(mesh, "fsdp_tp"):
         shards = sharding.logical_shards("act_heads")
         attention.attend(q, k, v, mask, None, None, impl="auto", head_shards=shards)

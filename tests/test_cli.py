@@ -68,7 +68,7 @@ def test_quantize_writes_the_ptq_baseline(tmp_path, capsys):
                  "--out", str(tmp_path / "ptq")]) == 0
     _, fp = load_model(tmp_path / "ck")
     _, q = load_model(tmp_path / "ptq")
-    assert read_meta(tmp_path / "ptq")["recipe"]["name"] == "q4_0"
+    assert read_meta(tmp_path / "ptq").recipe["name"] == "q4_0"
     w = fp["layer_0"]["mlp"]["linear"]["w"]  # [F, D], contraction over F (axis 0)
     np.testing.assert_array_equal(np.asarray(q["layer_0"]["mlp"]["linear"]["w"]),
                                   np.asarray(q4_0_fake_quant(w, in_axis=0)))

@@ -18,11 +18,11 @@ from gemma_qat.eval.generate import filter_logits, generate
 from gemma_qat.eval.metrics import add_recovery, evaluate, layer_errors, quant_errors, recovery_ratio
 from gemma_qat.eval.report import write_report
 from gemma_qat.export.orbax_q4_0 import export_q4_0
-from gemma_qat.model.checkpoint import save_model
+from gemma_qat.model.checkpoint import CheckpointMeta, save_model
 from gemma_qat.model.config import get_config
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant.policy import RecipePolicy
-from gemma_qat.quant.recipe import get_recipe, resolve
+from gemma_qat.quant.recipe import resolve_recipe
 from model_fixtures import calm_weights, to_params
 
 MODEL = "tiny-31b"
@@ -57,7 +57,7 @@ def _batches():
 
 
 def _ckpt(tmp_path, name, params, meta):
-    return save_model(tmp_path / name, params, get_config(MODEL), meta={"param_dtype": "float32", **meta})
+    return save_model(tmp_path / name, params, get_config(MODEL), meta=CheckpointMeta(param_dtype="float32", **meta))
 
 
 def _torch_reference(t_logits, c_logits, batches):
@@ -118,7 +118,7 @@ def test_teacher_against_itself_and_undefined_recovery(tmp_path):
 
 def test_ptq_candidate_is_the_fake_quant_policy(tmp_path):
     cfg, p = _params()
-    res = resolve(get_recipe("q4_0", cfg), cfg)
+    res = resolve_recipe("q4_0", cfg)
     ptq = C.ptq_candidate("ptq", cfg, p, "q4_0")
     b = _batches()[0]
     h, table = ptq.hidden(b)
@@ -136,7 +136,7 @@ def test_ptq_candidate_is_the_fake_quant_policy(tmp_path):
 
 def test_student_q4_0_export_and_gguf_candidates(tmp_path):
     cfg, p = _params(0.05)
-    res = resolve(get_recipe("q4_0", cfg), cfg)
+    res = resolve_recipe("q4_0", cfg)
     ck = _ckpt(tmp_path, "student", p, {"kind": "qat", "recipe": res.recipe.to_dict()})
     student = C.load_candidate("qat", ck)
     assert (student.kind, student.recipe) == ("qat", "q4_0") and isinstance(student.model.quant, RecipePolicy)
@@ -177,7 +177,7 @@ def test_recovery_ratio_arithmetic():
 
 def test_quant_errors_and_report_folder(tmp_path):
     cfg, pt = _params()
-    res = resolve(get_recipe("q4_0", cfg), cfg)
+    res = resolve_recipe("q4_0", cfg)
     teacher = C.jax_candidate("teacher", "float", "mem", cfg, pt)
     cands = [C.ptq_candidate("ptq-q4_0", cfg, pt, res), C.jax_candidate("qat-student", "qat", "mem", cfg,
                                                                        _params(0.05)[1], quant=RecipePolicy(res),
@@ -255,7 +255,7 @@ def test_cli_eval_and_generate(tmp_path, capsys):
     tok = train_sentencepiece([train], tmp_path / "sp", vocab_size=400)
     cfg, p = _params()
     teacher = _ckpt(tmp_path, "teacher", p, {"kind": "float"})
-    res = resolve(get_recipe("q4_0", cfg), cfg)
+    res = resolve_recipe("q4_0", cfg)
     student = _ckpt(tmp_path, "student", _params(0.05)[1], {"kind": "qat", "recipe": res.recipe.to_dict()})
     parser = build_parser()
     args = parser.parse_args(["eval", "--teacher", str(teacher), "--candidates", f"qat={student}", "--ptq",

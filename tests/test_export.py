@@ -21,7 +21,7 @@ from gemma_qat.export import common, mobile, orbax_q4_0, safetensors_hf
 from gemma_qat.export.inspect import format_inspect, inspect
 from gemma_qat.hf.importer import load_hf
 from gemma_qat.hf.layout import tensor_maps
-from gemma_qat.model.checkpoint import SCALES_DIR, load_quant_scales, save_model, save_quant_scales
+from gemma_qat.model.checkpoint import SCALES_DIR, CheckpointMeta, load_quant_scales, save_model, save_quant_scales
 from gemma_qat.model.config import E2B, get_config
 from gemma_qat.model.inference import forward_logits
 from gemma_qat.model.params import abstract_params
@@ -29,7 +29,7 @@ from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant import formats, pack
 from gemma_qat.quant.policy import RecipePolicy, calibrate
 from gemma_qat.quant.ptq import dequantized_params
-from gemma_qat.quant.recipe import get_recipe, resolve
+from gemma_qat.quant.recipe import resolve_recipe
 from hf_fixtures import hf_logits, save_text_model
 
 Q40 = gguf.GGMLQuantizationType.Q4_0
@@ -61,7 +61,7 @@ def hf_model(tmp_path_factory):
 
 
 def _student(tmp_path, cfg, params, res=None, scales=None):
-    meta = {"param_dtype": "float32", "step": 42, **({"recipe": res.recipe.to_dict()} if res else {})}
+    meta = CheckpointMeta(param_dtype="float32", step=42, recipe=res.recipe.to_dict() if res else None)
     ck = save_model(tmp_path / "student", params, cfg, meta=meta)
     if scales is not None:
         save_quant_scales(ck, scales)
@@ -91,8 +91,8 @@ def test_q4_0_round_trip_is_exact_and_gguf_byte_equal(tmp_path, source, hf_model
         ck = _student(tmp_path, cfg, params)  # imported float model: no recipe in meta, given on export
     else:
         cfg, params = _random(source)
-        ck = _student(tmp_path, cfg, params, resolve(get_recipe("q4_0", cfg), cfg))
-    res = resolve(get_recipe("q4_0", cfg), cfg)
+        ck = _student(tmp_path, cfg, params, resolve_recipe("q4_0", cfg))
+    res = resolve_recipe("q4_0", cfg)
     out = orbax_q4_0.export_q4_0(ck, tmp_path / "q4", recipe="q4_0", tokenizer=_tokenizer(tmp_path))
     cfg2, deq = orbax_q4_0.load_q4_0(out)
     assert cfg2 == cfg
@@ -131,7 +131,7 @@ def test_q4_0_round_trip_is_exact_and_gguf_byte_equal(tmp_path, source, hf_model
 
 def test_mobile_round_trip_with_activation_scales(tmp_path):
     cfg, params = _random("tiny-e2b")
-    res = resolve(get_recipe("mobile", cfg), cfg)
+    res = resolve_recipe("mobile", cfg)
     scales = calibrate(cfg, params, res, [{"tokens": TOKENS}])
     ck = _student(tmp_path, cfg, params, res, scales)
     _assert_trees_equal(load_quant_scales(ck), scales)  # the quant_scales.json convention
@@ -226,7 +226,7 @@ def test_safetensors_round_trip_and_transformers_load(tmp_path, kind, hf_model):
 
 def test_cli_export_force_inspect_and_gguf(tmp_path, capsys, monkeypatch):
     cfg, params = _random("tiny-31b")
-    ck = _student(tmp_path, cfg, params, resolve(get_recipe("q4_0", cfg), cfg))
+    ck = _student(tmp_path, cfg, params, resolve_recipe("q4_0", cfg))
     parser = build_parser()
 
     def run(*argv):

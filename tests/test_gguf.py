@@ -20,7 +20,7 @@ from gemma_qat.hf.layout import tensor_maps
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant import formats
 from gemma_qat.quant.policy import RecipePolicy, weight_axes, weight_in_axes
-from gemma_qat.quant.recipe import FLOAT, Recipe, Rule, get_recipe, resolve
+from gemma_qat.quant.recipe import FLOAT, Recipe, Rule, resolve, resolve_recipe
 from model_fixtures import calm_weights, to_params
 
 from gguf_tokenizer import TRAIN_TEXT, write_tokenizer
@@ -47,7 +47,7 @@ def _params(name: str, seed: int = 0):
 def _resolution(cfg, recipe: str):
     if recipe == "float":
         return resolve(Recipe("float", (Rule(r".*", FLOAT),)), cfg)
-    return resolve(get_recipe(recipe, cfg), cfg)
+    return resolve_recipe(recipe, cfg)
 
 
 @functools.lru_cache(maxsize=None)

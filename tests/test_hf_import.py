@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gemma_qat.hf.importer import load_hf
-from gemma_qat.model.checkpoint import load_model, save_model
+from gemma_qat.model.checkpoint import CheckpointMeta, load_model, save_model
 from gemma_qat.model.inference import forward_logits
 from hf_fixtures import hf_logits, save_multimodal_model, save_text_model
 
@@ -45,7 +45,7 @@ def test_multimodal_checkpoint_skips_towers(tmp_path):
 def test_orbax_round_trip_is_exact(tmp_path):
     save_text_model("dense", tmp_path / "hf")
     config, params = load_hf(tmp_path / "hf")
-    save_model(tmp_path / "ck", params, config, meta={"param_dtype": "float32"})
+    save_model(tmp_path / "ck", params, config, meta=CheckpointMeta(param_dtype="float32"))
     config2, params2 = load_model(tmp_path / "ck")
     assert config2 == config
     for a, b in zip(__import__("jax").tree.leaves(params), __import__("jax").tree.leaves(params2)):

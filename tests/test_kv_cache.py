@@ -15,7 +15,7 @@ from gemma_qat.eval.generate import generate
 from gemma_qat.model.config import get_config
 from gemma_qat.model.transformer import KVCache, Transformer, init_cache
 from gemma_qat.quant.policy import RecipePolicy
-from gemma_qat.quant.recipe import get_recipe, resolve
+from gemma_qat.quant.recipe import resolve_recipe
 from model_fixtures import calm_weights, to_params
 
 MODELS = ["tiny-e2b", "tiny-31b", "tiny-26b-a4b"]
@@ -101,7 +101,7 @@ def test_quantized_policy_with_cache():
     # One config: the policy only changes what the projections see, not the cache logic; tiny-e2b
     # has the most quantized parts (PLE projections, KV-shared double-wide MLPs).
     cfg, p = _params("tiny-e2b")
-    model = Transformer(cfg, quant=RecipePolicy(resolve(get_recipe("q4_0", cfg), cfg)))
+    model = Transformer(cfg, quant=RecipePolicy(resolve_recipe("q4_0", cfg)))
     want = _check_decoding(model, {"params": p}, cfg, prefill=False)  # (prefill: one compile less)
     float_logits = np.asarray(_fns(Transformer(cfg))[0]({"params": p}, *_batch(cfg)))
     assert np.abs(want - float_logits).max() > 1e-2  # the Q4_0 fake-quant really changed the model

@@ -72,9 +72,9 @@ def test_remat_weights_adds_the_layers_matmul_weights_to_the_estimate():
     weights = run_preflight(load_run_config(TINY, ["remat=weights"]), "8xH100", lower=False)
     cfg = load_run_config(TINY)
     model = get_config(cfg.model.name)
-    mesh = sharding.make_mesh(sharding.MeshConfig(**weights.mesh, recipe=weights.recipe))
+    mesh = sharding.make_mesh(sharding.MeshConfig(**weights.mesh, parallelism=weights.parallelism))
     shardings = traverse_util.flatten_dict(
-        sharding.tree_shardings(abstract_params(model), logical_axes(model), mesh, weights.recipe))
+        sharding.tree_shardings(abstract_params(model), logical_axes(model), mesh, weights.parallelism))
     params = traverse_util.flatten_dict(init_params(model, jax.random.PRNGKey(0)))
     layer_w = sum(math.prod(shardings[k].shard_shape(v.shape)) for k, v in params.items()
                   if k[0].startswith("layer_") and k[-1] == "w")
@@ -94,9 +94,9 @@ def test_scan_layers_adds_the_stacked_copies_to_the_estimate():
     plain = run_preflight(load_run_config(TINY, over), "8xH100", lower=False)
     scanned = run_preflight(load_run_config(TINY, over + ["scan_layers=true"]), "8xH100", lower=False)
     model = get_config("tiny-31b")
-    mesh = sharding.make_mesh(sharding.MeshConfig(**scanned.mesh, recipe=scanned.recipe))
+    mesh = sharding.make_mesh(sharding.MeshConfig(**scanned.mesh, parallelism=scanned.parallelism))
     shardings = traverse_util.flatten_dict(
-        sharding.tree_shardings(abstract_params(model), logical_axes(model), mesh, scanned.recipe))
+        sharding.tree_shardings(abstract_params(model), logical_axes(model), mesh, scanned.parallelism))
     shapes = traverse_util.flatten_dict(abstract_params(model))
     layer_elems = sum(math.prod(shardings[k].shard_shape(v.shape)) for k, v in shapes.items()
                       if k[0].startswith("layer_"))  # tiny-31b: every layer is in the scan
@@ -170,7 +170,7 @@ def test_mesh_errors_name_the_axis_and_the_fix(overrides, match):
 
 
 def test_a_dimension_the_mesh_does_not_divide_is_an_error():
-    cfg = load_run_config(TINY, ["mesh.fsdp=2", "mesh.tensor=3", "mesh.recipe=fsdp_tp"])
+    cfg = load_run_config(TINY, ["mesh.fsdp=2", "mesh.tensor=3", "mesh.parallelism=fsdp_tp"])
     match = r"q_heads=4 .* not divisible by mesh axis tensor=3; use tensor in \[1, 2, 4\]"
     with pytest.raises(PreflightError, match=match):
         run_preflight(cfg, "6xH100", lower=False)
@@ -194,7 +194,7 @@ def test_preset_validates_and_names_a_known_topology(path):
     get_config(variant)
     assert cfg.quant.recipe == ("q4_0" if fmt == "q4_0" else f"mobile-{variant}")
     assert 2048 <= cfg.data.seq_len <= 4096 and cfg.optimizer.compute_dtype == "bfloat16" and cfg.remat != "none"
-    assert cfg.mesh.recipe == "fsdp_tp_ep" if get_config(variant).is_moe else cfg.mesh.recipe in ("fsdp", "fsdp_tp")
+    assert cfg.mesh.parallelism == "fsdp_tp_ep" if get_config(variant).is_moe else cfg.mesh.parallelism in ("fsdp", "fsdp_tp")
     cfg.mesh.shape(topo.chips)  # the mesh fills the topology exactly
     assert cfg.data.global_batch_size % topo.hosts == 0
 
@@ -207,7 +207,7 @@ def test_e2b_preset_fits_through_the_cli(capsys):
     rows = {r["what"]: r["bytes"] for r in out["memory_per_device"]}
     assert 0 < rows["student params"] < rows["optimizer state"] and out["total_bytes"] < out["topology"]["usable_bytes"]
     assert "Q4_0 blocks of 32 never straddle a shard boundary" in out["checks"]
-    # fsdp_tp splits the PLE table's vocab over tensor=2 (the fsdp recipe alone would replicate it).
+    # fsdp_tp splits the PLE table's vocab over tensor=2 (the fsdp parallelism alone would replicate it).
     ple = next(t for t in out["largest_tensors"] if t["path"] == "embedder/per_layer_embeddings")
     assert ple["local_shape"][0] == 262144 // 2
 

@@ -13,7 +13,7 @@ from gemma_qat.model.params import init_params
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant import formats, q4_0_kernel
 from gemma_qat.quant.policy import RecipePolicy
-from gemma_qat.quant.recipe import get_recipe, resolve
+from gemma_qat.quant.recipe import resolve_recipe
 
 
 def _bits(x):
@@ -78,11 +78,11 @@ def test_which_shapes_and_backends_take_the_kernel():
     with pytest.raises(ValueError, match="unknown Q4_0 implementation 'triton'"):
         q4_0_kernel.use_kernel("triton", (64, 64), 0)
     with pytest.raises(ValueError, match="unknown Q4_0 implementation"):
-        RecipePolicy(resolve(get_recipe("q4_0", get_config("tiny-e2b")), get_config("tiny-e2b")), q4_0_impl="x")
+        RecipePolicy(resolve_recipe("q4_0", get_config("tiny-e2b")), q4_0_impl="x")
 
 
 def test_auto_takes_the_kernel_only_on_one_nvidia_gpu(fake_devices):
-    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=8, recipe="fsdp")) if jax.device_count() >= 8 else None
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=8, parallelism="fsdp")) if jax.device_count() >= 8 else None
     world = fake_devices
     world("gpu")
     assert q4_0_kernel.use_kernel("auto", (2048, 8192), 0)
@@ -110,7 +110,7 @@ def test_policy_with_the_kernel_gives_the_same_logits_and_gradients():
     cfg = get_config("tiny-26b-a4b")  # dense and MoE layers, attention einsums of 3 and 4 dims
     params = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, cfg.vocab_size)
-    res = resolve(get_recipe("q4_0", cfg), cfg)
+    res = resolve_recipe("q4_0", cfg)
 
     def loss_and_grad(impl):
         model = Transformer(cfg, quant=RecipePolicy(res, q4_0_impl=impl), dtype=jnp.bfloat16)

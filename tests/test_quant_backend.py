@@ -10,7 +10,7 @@ import pytest
 from gemma_qat.model.config import get_config
 from gemma_qat.model.params import init_params
 from gemma_qat.quant.ptq import dequantized_params
-from gemma_qat.quant.recipe import get_recipe, resolve
+from gemma_qat.quant.recipe import resolve_recipe
 from gemma_qat.train.config import load_run_config
 from gemma_qat.train.loop import train
 from train_helpers import base_config
@@ -27,7 +27,7 @@ def test_unknown_backend_is_a_config_error():
 def test_ptq_is_byte_identical_across_backends(recipe):
     config = get_config("tiny-e2b")
     params = init_params(config, jax.random.PRNGKey(0))
-    res = resolve(get_recipe(recipe, config), config)
+    res = resolve_recipe(recipe, config)
     a, b = (dequantized_params(config, params, res, backend) for backend in ("formats", "aqt"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -35,7 +35,7 @@ def test_ptq_is_byte_identical_across_backends(recipe):
 
 @pytest.mark.parametrize("model,recipe,devices,mesh", [
     ("tiny-e2b", "mobile", 1, []),
-    ("tiny-26b-a4b", "q4_0", 4, ["mesh.fsdp=2", "mesh.expert=2", "mesh.recipe=fsdp_tp_ep"]),
+    ("tiny-26b-a4b", "q4_0", 4, ["mesh.fsdp=2", "mesh.expert=2", "mesh.parallelism=fsdp_tp_ep"]),
 ])
 def test_training_is_bit_identical_across_backends(tmp_path, model, recipe, devices, mesh):
     runs = {}

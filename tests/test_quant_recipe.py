@@ -12,7 +12,7 @@ from gemma_qat.model.params import abstract_params, flat_shapes, init_params, lo
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant.policy import RecipePolicy, calibrate, check_q4_0_blocks, weight_in_axes
 from gemma_qat.quant.ptq import dequantized_params
-from gemma_qat.quant.recipe import Recipe, Rule, get_recipe, resolve
+from gemma_qat.quant.recipe import Recipe, Rule, get_recipe, resolve, resolve_recipe
 
 FULL = ["e2b", "e4b", "12b", "26b-a4b", "31b"]
 
@@ -20,7 +20,7 @@ FULL = ["e2b", "e4b", "12b", "26b-a4b", "31b"]
 @pytest.mark.parametrize("name", FULL + ["tiny-e2b", "tiny-26b-a4b", "tiny-12b"])
 def test_q4_0_preset_covers_every_projection(name):
     cfg = get_config(name)
-    res = resolve(get_recipe("q4_0", cfg), cfg)
+    res = resolve_recipe("q4_0", cfg)
     axes = weight_in_axes(cfg)
     for path, shape in flat_shapes(abstract_params(cfg)).items():
         fmt = res.formats[path]
@@ -33,7 +33,7 @@ def test_q4_0_preset_covers_every_projection(name):
 @pytest.mark.parametrize("name,boundary", [("e2b", 15), ("e4b", 24), ("tiny-e2b", 4)])
 def test_mobile_preset(name, boundary):
     cfg = get_config(name)
-    f = resolve(get_recipe("mobile", cfg), cfg).formats
+    f = resolve_recipe("mobile", cfg).formats
     assert f["embedder/input_embedding"] == "int2"
     assert f["embedder/per_layer_model_projection/w"] == "float"
     assert f[f"layer_{boundary - 1}/mlp/linear/w"] == "int4"
@@ -62,7 +62,7 @@ def test_recipe_errors_are_reported():
 def test_fake_quant_forward_equals_dequantised_weights(name, recipe):
     cfg = get_config(name)
     params = init_params(cfg, jax.random.PRNGKey(0))
-    res = resolve(get_recipe(recipe, cfg), cfg)
+    res = resolve_recipe(recipe, cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 20), 0, cfg.vocab_size)
     fq = Transformer(cfg, quant=RecipePolicy(res)).apply({"params": params}, tokens)
     deq = Transformer(cfg).apply({"params": dequantized_params(cfg, params, res)}, tokens)
@@ -73,7 +73,7 @@ def test_fake_quant_forward_equals_dequantised_weights(name, recipe):
 
 def test_student_tree_equals_float_tree_and_grads_are_straight_through():
     cfg = get_config("tiny-e2b")
-    res = resolve(get_recipe("q4_0", cfg), cfg)
+    res = resolve_recipe("q4_0", cfg)
     model = Transformer(cfg, quant=RecipePolicy(res))
     tokens = jnp.arange(16)[None] % cfg.vocab_size
     student = model.init(jax.random.PRNGKey(0), tokens)
@@ -89,7 +89,7 @@ def test_student_tree_equals_float_tree_and_grads_are_straight_through():
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 def test_q4_0_block_straddle_is_refused():
     cfg = get_config("tiny-31b")  # d_model 64: 2 shards keep blocks whole, 4 would split them
-    res = resolve(get_recipe("q4_0", cfg), cfg)
+    res = resolve_recipe("q4_0", cfg)
     ok = sharding.make_mesh(sharding.MeshConfig(data=4, fsdp=2))
     check_q4_0_blocks(res, cfg, sharding.tree_shardings(abstract_params(cfg), logical_axes(cfg), ok, "fsdp"))
     bad = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
@@ -100,7 +100,7 @@ def test_q4_0_block_straddle_is_refused():
 def test_calibrated_activation_scales_change_the_output():
     cfg = get_config("tiny-e2b")
     params = init_params(cfg, jax.random.PRNGKey(0))
-    res = resolve(get_recipe("mobile", cfg), cfg)
+    res = resolve_recipe("mobile", cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, cfg.vocab_size)
     scales = calibrate(cfg, params, res, [{"tokens": tokens}])
     leaves = jax.tree.leaves(scales)
@@ -118,7 +118,7 @@ def test_aqt_backend_gives_the_same_student(name, recipe):
     """The policy through AQT (aqt_backend) and through formats.py: same logits, same gradients."""
     cfg = get_config(name)
     params = init_params(cfg, jax.random.PRNGKey(0))
-    res = resolve(get_recipe(recipe, cfg), cfg)
+    res = resolve_recipe(recipe, cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, cfg.vocab_size)
 
     def run(backend):

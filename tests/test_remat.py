@@ -13,13 +13,13 @@ from gemma_qat.model.config import get_config
 from gemma_qat.model.params import init_params
 from gemma_qat.model.transformer import REMAT_POLICIES, Transformer
 from gemma_qat.quant.policy import RecipePolicy
-from gemma_qat.quant.recipe import get_recipe, resolve
+from gemma_qat.quant.recipe import resolve_recipe
 
 CFG = get_config("tiny-26b-a4b")  # dense and MoE layers, sliding and global attention
 
 
 def _loss(remat):
-    quant = RecipePolicy(resolve(get_recipe("q4_0", CFG), CFG))
+    quant = RecipePolicy(resolve_recipe("q4_0", CFG))
     model = Transformer(CFG, quant=quant, remat=remat)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, CFG.vocab_size)
 

@@ -16,7 +16,7 @@ from gemma_qat.model.config import get_config, interleave
 from gemma_qat.model.params import abstract_params, init_params, logical_axes
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant.policy import SCALES, RecipePolicy, placeholder_scales
-from gemma_qat.quant.recipe import get_recipe, resolve
+from gemma_qat.quant.recipe import resolve_recipe
 
 # 12 layers of period 2, the last 4 KV-shared: three scanned windows, the source window unrolled, two
 # scanned shared (double-wide) windows.
@@ -49,10 +49,10 @@ def _distinct_scales(cfg, resolution):
 
 def test_recipes_split_groups_by_format_and_frozen_scales_ride_along():
     cfg = DEEP_E2B
-    q4 = RecipePolicy(resolve(get_recipe("q4_0", cfg), cfg))
+    q4 = RecipePolicy(resolve_recipe("q4_0", cfg))
     assert scan.layer_groups(cfg, q4.layer_key) == scan.layer_groups(cfg)
     # mobile: int2 back-layer MLPs split windows by format; the per-layer scale values do not.
-    mobile = resolve(get_recipe("mobile", cfg), cfg)
+    mobile = resolve_recipe("mobile", cfg)
     policy = RecipePolicy(mobile, static_scales=_distinct_scales(cfg, mobile))
     groups = scan.layer_groups(cfg, policy.layer_key)
     assert any(g.repeats > 1 for g in groups)
@@ -68,7 +68,7 @@ def test_recipes_split_groups_by_format_and_frozen_scales_ride_along():
 
 
 def _loss_and_grad(cfg, params, tokens, **kw):
-    model = Transformer(cfg, quant=RecipePolicy(resolve(get_recipe("q4_0", cfg), cfg)), **kw)
+    model = Transformer(cfg, quant=RecipePolicy(resolve_recipe("q4_0", cfg)), **kw)
 
     def loss(p):
         logits = model.apply({"params": p}, tokens)
@@ -109,16 +109,16 @@ def test_scan_is_traced_once_per_group():
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 def test_scanned_sharded_logits_equal_unsharded():
-    cfg, mesh_config = DEEP_E2B, sharding.MeshConfig(data=2, fsdp=2, tensor=2, recipe="fsdp_tp")
+    cfg, mesh_config = DEEP_E2B, sharding.MeshConfig(data=2, fsdp=2, tensor=2, parallelism="fsdp_tp")
     params = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (8, 20), 0, cfg.vocab_size)
     ref = Transformer(cfg).apply({"params": params}, tokens)
     mesh = sharding.make_mesh(mesh_config)
-    shardings = sharding.tree_shardings(abstract_params(cfg), logical_axes(cfg), mesh, mesh_config.recipe)
+    shardings = sharding.tree_shardings(abstract_params(cfg), logical_axes(cfg), mesh, mesh_config.parallelism)
     params_s = jax.device_put(params, shardings)
-    tokens_s = jax.device_put(tokens, sharding.batch_sharding(mesh, mesh_config.recipe))
+    tokens_s = jax.device_put(tokens, sharding.batch_sharding(mesh, mesh_config.parallelism))
     model = Transformer(cfg, scan_layers=True, remat="full")
-    with sharding.activate(mesh, mesh_config.recipe):
+    with sharding.activate(mesh, mesh_config.parallelism):
         out = jax.jit(lambda p, t: model.apply({"params": p}, t))(params_s, tokens_s)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=5e-5)
 
@@ -127,7 +127,7 @@ def test_calibration_of_activation_scales_runs_unrolled_and_records_every_layer(
     """A call that writes a collection (calibrating static scales) never takes the scan: its scales equal the
     unrolled model's, layer by layer."""
     cfg = DEEP_E2B
-    policy = RecipePolicy(resolve(get_recipe("mobile", cfg), cfg), calibrating=True)
+    policy = RecipePolicy(resolve_recipe("mobile", cfg), calibrating=True)
     params = init_params(cfg, jax.random.PRNGKey(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, cfg.vocab_size)
     scales = [Transformer(cfg, quant=policy, scan_layers=s).apply({"params": params}, tokens, mutable=[SCALES])[1]

@@ -13,14 +13,14 @@ from gemma_qat.model.transformer import Transformer
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
 CASES = [
-    ("tiny-e2b", sharding.MeshConfig(data=2, fsdp=4, recipe="fsdp")),
-    ("tiny-e4b", sharding.MeshConfig(data=2, fsdp=2, tensor=2, recipe="fsdp_tp")),
-    ("tiny-31b", sharding.MeshConfig(fsdp=4, tensor=2, recipe="fsdp_tp")),
-    ("tiny-26b-a4b", sharding.MeshConfig(fsdp=2, tensor=2, expert=2, recipe="fsdp_tp_ep")),
+    ("tiny-e2b", sharding.MeshConfig(data=2, fsdp=4, parallelism="fsdp")),
+    ("tiny-e4b", sharding.MeshConfig(data=2, fsdp=2, tensor=2, parallelism="fsdp_tp")),
+    ("tiny-31b", sharding.MeshConfig(fsdp=4, tensor=2, parallelism="fsdp_tp")),
+    ("tiny-26b-a4b", sharding.MeshConfig(fsdp=2, tensor=2, expert=2, parallelism="fsdp_tp_ep")),
 ]
 
 
-@pytest.mark.parametrize("name,mesh_config", CASES, ids=[c[0] + "-" + c[1].recipe for c in CASES])
+@pytest.mark.parametrize("name,mesh_config", CASES, ids=[c[0] + "-" + c[1].parallelism for c in CASES])
 def test_sharded_logits_equal_unsharded(name, mesh_config):
     cfg = get_config(name)
     params = init_params(cfg, jax.random.PRNGKey(0))
@@ -29,20 +29,20 @@ def test_sharded_logits_equal_unsharded(name, mesh_config):
     ref = model.apply({"params": params}, tokens)
 
     mesh = sharding.make_mesh(mesh_config)
-    shardings = sharding.tree_shardings(abstract_params(cfg), logical_axes(cfg), mesh, mesh_config.recipe)
+    shardings = sharding.tree_shardings(abstract_params(cfg), logical_axes(cfg), mesh, mesh_config.parallelism)
     params_s = jax.device_put(params, shardings)
-    tokens_s = jax.device_put(tokens, sharding.batch_sharding(mesh, mesh_config.recipe))
+    tokens_s = jax.device_put(tokens, sharding.batch_sharding(mesh, mesh_config.parallelism))
     # Parameters really are spread: the embedding is split along the model dim over fsdp.
     emb = params_s["embedder"]["input_embedding"]
     assert emb.addressable_shards[0].data.shape[1] == cfg.d_model // mesh.shape["fsdp"]
-    with sharding.activate(mesh, mesh_config.recipe):
+    with sharding.activate(mesh, mesh_config.parallelism):
         out = jax.jit(lambda p, t: model.apply({"params": p}, t))(params_s, tokens_s)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=2e-5)
 
 
 def test_experts_are_split_over_the_expert_axis():
     cfg = get_config("tiny-26b-a4b")
-    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2, tensor=2, expert=2, recipe="fsdp_tp_ep"))
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2, tensor=2, expert=2, parallelism="fsdp_tp_ep"))
     sh = sharding.tree_shardings(abstract_params(cfg), logical_axes(cfg), mesh, "fsdp_tp_ep")
     assert sh["layer_0"]["mlp"]["gating_einsum"]["w"].spec[0] == "expert"
 
@@ -52,7 +52,7 @@ def test_ple_table_is_sharded_under_every_recipe(recipe):
     """The E models' per-layer-embedding table is the largest tensor of E2B (2.35 B parameters): it must
     not be replicated on every device. Weights with both `embed` and `ple` keep fsdp on `embed`."""
     cfg = get_config("tiny-e2b")
-    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=4, tensor=2, recipe=recipe))
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=4, tensor=2, parallelism=recipe))
     sh = sharding.tree_shardings(abstract_params(cfg), logical_axes(cfg), mesh, recipe)
     assert sh["embedder"]["per_layer_embeddings"].spec[2] == "fsdp"
     assert sh["embedder"]["per_layer_model_projection"]["w"].spec[0] == "fsdp"
@@ -63,8 +63,8 @@ def test_mesh_errors_name_the_problem():
         sharding.MeshConfig(data=2, fsdp=2).shape(8)
     with pytest.raises(ValueError, match="not a multiple of 3"):
         sharding.MeshConfig(data=3).shape(8)
-    with pytest.raises(ValueError, match="unknown sharding recipe"):
-        sharding.MeshConfig(recipe="zero3")
+    with pytest.raises(ValueError, match=r"mesh.parallelism=.zero3. must be one of \[.fsdp., .fsdp_tp., .fsdp_tp_ep.\]"):
+        sharding.MeshConfig(parallelism="zero3")
 
 
 def test_moe_routes_each_devices_rows_locally():
@@ -87,14 +87,14 @@ def test_moe_routes_each_devices_rows_locally():
     loss = lambda p, x: jnp.sum(jnp.sin(layer.apply({"params": p}, x, x)))  # noqa: E731
     ref = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
 
-    mc = sharding.MeshConfig(fsdp=2, tensor=2, expert=2, recipe="fsdp_tp_ep")
+    mc = sharding.MeshConfig(fsdp=2, tensor=2, expert=2, parallelism="fsdp_tp_ep")
     mesh = sharding.make_mesh(mc)
-    with sharding.activate(mesh, mc.recipe):
+    with sharding.activate(mesh, mc.parallelism):
         specs = jax.tree.map(lambda a: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), params)
         specs["gating_einsum"]["w"] = jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec("expert", None, "tensor", "fsdp"))
         specs["linear"]["w"] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert", "tensor", "fsdp"))
-        x_s = jax.device_put(x, sharding.batch_sharding(mesh, mc.recipe).update(
+        x_s = jax.device_put(x, sharding.batch_sharding(mesh, mc.parallelism).update(
             spec=jax.sharding.PartitionSpec(("data", "fsdp", "expert"))))
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), out_shardings=(None, (specs, None)))
         got = step(jax.device_put(params, specs), x_s)
@@ -129,10 +129,10 @@ def test_loss_gathers_the_head_tables_once_and_reduces_their_gradient_once():
     loss = lambda sh, se: distill.chunked_distill_loss(sh, th, se, te, softcap=30.0, chunk_size=16)[0]  # noqa: E731
     ref = jax.value_and_grad(loss, argnums=(0, 1))(sh, se)
 
-    mc = sharding.MeshConfig(fsdp=4, tensor=2, recipe="fsdp_tp")
+    mc = sharding.MeshConfig(fsdp=4, tensor=2, parallelism="fsdp_tp")
     mesh = sharding.make_mesh(mc)
     named = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))  # noqa: E731
-    with sharding.activate(mesh, mc.recipe):
+    with sharding.activate(mesh, mc.parallelism):
         args = (jax.device_put(sh, named("fsdp")), jax.device_put(se, named("tensor", "fsdp")))
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         got = step(*args)

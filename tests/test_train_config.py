@@ -21,10 +21,10 @@ def _toml(tmp_path, text: str) -> Path:
 
 
 def test_defaults_file_and_overrides_layer_in_order(tmp_path):
-    path = _toml(tmp_path, '[optimizer]\nlr = 1\ntotal_steps = 50\n[mesh]\nfsdp = 2\nrecipe = "fsdp_tp"\n')
+    path = _toml(tmp_path, '[optimizer]\nlr = 1\ntotal_steps = 50\n[mesh]\nfsdp = 2\nparallelism = "fsdp_tp"\n')
     cfg = load_run_config(path, ["optimizer.total_steps=70", "logging.tensorboard=false", "distill.alpha_end=none"])
     assert cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)  # int literal is a fine float
-    assert cfg.optimizer.total_steps == 70 and cfg.mesh.fsdp == 2 and cfg.mesh.recipe == "fsdp_tp"
+    assert cfg.optimizer.total_steps == 70 and cfg.mesh.fsdp == 2 and cfg.mesh.parallelism == "fsdp_tp"
     assert cfg.logging.tensorboard is False and cfg.distill.alpha_end is None
     assert cfg.optimizer.b1 == RunConfig().optimizer.b1  # untouched keys keep their defaults
 
@@ -71,10 +71,40 @@ def test_value_checks_collect_every_problem():
                  "warmup_steps=2000 exceeds optimizer.total_steps=1000", "quant.q4_0_impl='triton' must be one of",
                  "distill.loss_impl='cuda' must be one of"):
         assert part in msg
-    with pytest.raises(ValueError, match="unknown sharding recipe 'zero3'"):
-        load_run_config(None, ["mesh.recipe=zero3"])
+    with pytest.raises(ValueError, match=r"mesh.parallelism='zero3' must be one of \['fsdp', 'fsdp_tp', 'fsdp_tp_ep'\]"):
+        load_run_config(None, ["mesh.parallelism=zero3"])
     with pytest.raises(ValueError, match="data.tokenizer is required"):
         load_run_config(None, ["data.spec=jsonl:/x.jsonl"])
+
+
+def test_old_mesh_recipe_key_is_one_error_naming_the_new_key(tmp_path):
+    msg = r"config key 'mesh.recipe' was renamed 'mesh.parallelism'; set mesh.parallelism instead"
+    with pytest.raises(ValueError, match=msg):
+        load_run_config(_toml(tmp_path, '[mesh]\nrecipe = "fsdp_tp"\n'))
+    with pytest.raises(ValueError, match=msg):
+        load_run_config(None, ["mesh.recipe=fsdp_tp"])
+
+
+def test_saved_run_config_with_the_old_mesh_key_still_loads(tmp_path):
+    """config.json beside a run (and the copy in each checkpoint) of a run saved before the rename."""
+    cfg = load_run_config(None, ["mesh.parallelism=fsdp_tp", "mesh.tensor=2"])
+    old = cfg.to_dict()
+    old["mesh"]["recipe"] = old["mesh"].pop("parallelism")
+    assert from_dict(old) == cfg
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert load_run_config(tmp_path / "config.json") == cfg
+
+
+@pytest.mark.parametrize("command", ["train", "preflight"])
+@pytest.mark.parametrize("where", ["override", "toml"])
+def test_cli_old_mesh_recipe_is_one_line_naming_the_new_key(capsys, tmp_path, command, where):
+    from gemma_qat import cli
+    config = _toml(tmp_path, f'run_dir = "{tmp_path}/run"\n' + ('[mesh]\nrecipe = "fsdp"\n' if where == "toml" else ""))
+    args = [command, "--config", str(config), *(["mesh.recipe=fsdp"] if where == "override" else [])]
+    rc = cli.main(args + (["--topology", "8xH100", "--no-lower"] if command == "preflight" else []))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "'mesh.recipe' was renamed 'mesh.parallelism'" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_toml_and_missing_file(tmp_path):
@@ -133,3 +163,31 @@ def test_cli_train_rejects_non_finite_floats_in_one_line(capsys, tmp_path, overr
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and f"{key}={shown} must be a finite number" in err, err
     assert not (tmp_path / "run").exists()  # rejected before anything is written
+
+
+# --- every name is checked when the config loads -----------------------------------------------
+@pytest.mark.parametrize("command", ["train", "preflight"])
+@pytest.mark.parametrize("override,choices", [
+    ("quant.recipe=q4_O", "'q4_0', 'mobile', 'mobile-e2b', 'mobile-e4b']"),  # after 'none' and registered names
+    ("quant.q4_0_impl=triton", "['auto', 'xla', 'pallas']"),
+    ("quant.backend=torchao", "['formats', 'aqt']"),
+    ("distill.loss_impl=cuda", "['auto', 'xla', 'pallas']"),
+    ("attention=flash", "['xla', 'cudnn', 'auto']"),
+    ("remat=some", "['none', 'full', 'dots', 'weights']"),
+    ("mesh.parallelism=zero3", "['fsdp', 'fsdp_tp', 'fsdp_tp_ep']"),
+])
+def test_cli_unknown_name_is_one_line_with_key_value_and_choices(capsys, tmp_path, command, override, choices):
+    """Raised by config loading, so neither command reads data, a tokenizer or a model first."""
+    from gemma_qat import cli
+    key, value = override.split("=")
+    args = [command, "--config", str(REPO / "configs" / "tiny.toml"), f"run_dir={tmp_path}/run", override]
+    rc = cli.main(args + (["--topology", "8xH100"] if command == "preflight" else []))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and f"{key}={value!r} must be one of [" in err and choices in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_quant_recipe_accepts_presets_in_any_case_and_registered_names():
+    assert load_run_config(None, ["quant.recipe=Q4_0"]).quant.recipe == "Q4_0"  # get_recipe lowercases
+    policy.register_policy("test-registered", lambda c: NoQuant())
+    assert load_run_config(None, ["quant.recipe=test-registered"]).quant.recipe == "test-registered"

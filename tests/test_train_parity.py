@@ -1,4 +1,4 @@
-"""The same run on 1 device and on 8 (fake) devices under each sharding recipe gives the same loss
+"""The same run on 1 device and on 8 (fake) devices under each mesh.parallelism gives the same loss
 trajectory: sharding changes where the math runs, never what it computes (fp32, so only reduction
 order differs).
 
@@ -21,9 +21,9 @@ from train_helpers import TOTAL_STEPS, base_config
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
 CASES = [  # (model, mesh, steps compared)
-    ("tiny-e2b", ["mesh.data=2", "mesh.fsdp=4", "mesh.recipe=fsdp"], TOTAL_STEPS),
-    ("tiny-e2b", ["mesh.fsdp=4", "mesh.tensor=2", "mesh.recipe=fsdp_tp"], TOTAL_STEPS),
-    ("tiny-26b-a4b", ["mesh.fsdp=2", "mesh.tensor=2", "mesh.expert=2", "mesh.recipe=fsdp_tp_ep"], 5),
+    ("tiny-e2b", ["mesh.data=2", "mesh.fsdp=4", "mesh.parallelism=fsdp"], TOTAL_STEPS),
+    ("tiny-e2b", ["mesh.fsdp=4", "mesh.tensor=2", "mesh.parallelism=fsdp_tp"], TOTAL_STEPS),
+    ("tiny-26b-a4b", ["mesh.fsdp=2", "mesh.tensor=2", "mesh.expert=2", "mesh.parallelism=fsdp_tp_ep"], 5),
 ]
 
 

@@ -110,3 +110,33 @@ def test_checkpoints_of_another_model_are_an_error_not_corruption(uninterrupted,
                                          r"'tiny-31b'\)"):
         train(cfg, **QUIET)
     assert (tmp_path / "checkpoints" / "5").is_dir()  # left where it was
+
+
+def test_a_run_saved_before_mesh_recipe_was_renamed_resumes_bit_exactly(uninterrupted, tmp_path):
+    """Runs saved with `mesh.recipe` (now mesh.parallelism) in their config.json and in each
+    checkpoint's config still load and resume: the old key is mapped where a saved config is read."""
+    import json
+    import shutil
+    from gemma_qat.train import checksums
+    from gemma_qat.train.config import load_run_config
+
+    def to_old_key(path):
+        saved = json.loads(path.read_text())
+        saved["mesh"]["recipe"] = saved["mesh"].pop("parallelism")
+        path.write_text(json.dumps(saved))
+
+    step_dir = tmp_path / "checkpoints" / "10"
+    shutil.copytree(uninterrupted.run_dir / "checkpoints" / "10", step_dir)
+    saved_configs = [p for p in step_dir.rglob("*") if p.is_file() and b'"parallelism"' in p.read_bytes()]
+    assert len(saved_configs) == 1
+    to_old_key(saved_configs[0])
+    checksums.seal(step_dir)  # as the old run sealed it: these are its bytes, not damage
+    shutil.copy(uninterrupted.run_dir / "config.json", tmp_path / "config.json")
+    to_old_key(tmp_path / "config.json")
+
+    cfg = load_run_config(tmp_path / "config.json", [f"run_dir={tmp_path}"])
+    assert cfg == base_config(tmp_path)
+    again = train(cfg, **QUIET)
+    assert again.resumed_from == 10
+    for s in range(11, TOTAL_STEPS + 1):
+        assert again.losses[s] == uninterrupted.losses[s]

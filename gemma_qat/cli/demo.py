@@ -15,6 +15,7 @@ Every stage writes into its own folder under the work dir and is skipped when it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -81,7 +82,7 @@ def run_demo(work: Path, *, fresh: bool = False) -> int:
     from gemma_qat.eval.report import format_table
     from gemma_qat.model.checkpoint import load_model, read_meta, save_model
     from gemma_qat.quant.ptq import dequantized_params
-    from gemma_qat.quant.recipe import get_recipe, resolve
+    from gemma_qat.quant.recipe import resolve_recipe
     from gemma_qat.train.loop import FINAL_MODEL_DIR
 
     if fresh and work.exists():
@@ -115,9 +116,9 @@ def run_demo(work: Path, *, fresh: bool = False) -> int:
     ptq_dir = work / "ptq-q4_0"
     s = _Stage(4, "PTQ baseline: the teacher quantized directly with the q4_0 recipe", ptq_dir)
     if not s.done:
-        res = resolve(get_recipe("q4_0", config), config)
+        res = resolve_recipe("q4_0", config)
         save_model(ptq_dir, dequantized_params(config, teacher_params, res), config,
-                   meta={**read_meta(teacher_dir), "kind": "ptq", "recipe": res.recipe.to_dict()})
+                   meta=dataclasses.replace(read_meta(teacher_dir), kind="ptq", recipe=res.recipe.to_dict()))
     s.finish()
 
     exports = work / "exports"
@@ -171,7 +172,7 @@ def _exports(work: Path, exports: Path, qat_dir: Path, mobile_dir: Path, teacher
     from gemma_qat.export.orbax_q4_0 import export_q4_0
     from gemma_qat.model.checkpoint import load_model, read_meta, save_model, save_quant_scales
     from gemma_qat.quant.policy import calibrate
-    from gemma_qat.quant.recipe import get_recipe, resolve
+    from gemma_qat.quant.recipe import resolve_recipe
 
     exports.mkdir(parents=True, exist_ok=True)
     export_q4_0(qat_dir, exports / "student-q4_0", tokenizer=tokenizer, force=True)
@@ -181,13 +182,13 @@ def _exports(work: Path, exports: Path, qat_dir: Path, mobile_dir: Path, teacher
 
     # Mobile: the teacher PTQ'd with the mobile recipe, activation scales calibrated on training text.
     config, t_params = load_model(teacher_dir)
-    mres = resolve(get_recipe("mobile", config), config)
+    mres = resolve_recipe("mobile", config)
     mobile_ckpt = work / "ptq-mobile"
     if not mobile_ckpt.exists():
         batches = make_eval_batches(f"jsonl:{data_dir / 'train.jsonl'}", Tokenizer.load(tokenizer), seq_len=128,
                                     global_batch_size=8, num_batches=4)
         scales = calibrate(config, t_params, mres, batches)
         save_model(mobile_ckpt, t_params, config,
-                   meta={**read_meta(teacher_dir), "kind": "ptq", "recipe": mres.recipe.to_dict()})
+                   meta=dataclasses.replace(read_meta(teacher_dir), kind="ptq", recipe=mres.recipe.to_dict()))
         save_quant_scales(mobile_ckpt, scales)
     export_mobile(mobile_ckpt, exports / "teacher-mobile", tokenizer=tokenizer, force=True)

@@ -20,12 +20,12 @@ def run(args) -> int:
     import jax.numpy as jnp
 
     from gemma_qat.hf.importer import load_hf
-    from gemma_qat.model.checkpoint import save_model
+    from gemma_qat.model.checkpoint import CheckpointMeta, save_model
 
     dtype = {"keep": None, "bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     config, params = load_hf(args.hf_dir, dtype=dtype)
     stored = str(jax.tree.leaves(params)[0].dtype)
     save_model(args.out_dir, params, config, force=args.force,
-               meta={"source": str(Path(args.hf_dir).absolute()), "param_dtype": stored, "kind": "float"})
+               meta=CheckpointMeta(kind="float", param_dtype=stored, source=str(Path(args.hf_dir).absolute())))
     print(f"imported {config.name} ({config.num_layers} layers, {stored}) → {args.out_dir}")
     return 0

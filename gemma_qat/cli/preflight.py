@@ -38,6 +38,10 @@ def _fake_devices(chips: int) -> None:
 
 
 def run(args) -> int:
+    if args.print_config:  # no topology needed: the config as preflight would check it
+        from gemma_qat.train.config import resolved_toml
+        print(resolved_toml(args.config, args.overrides), end="")
+        return 0
     from gemma_qat.preflight.topologies import parse
     topo = parse(_topology_name(args))
     if args.cpu_compile:
@@ -70,6 +74,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topology", help="v5p-N, v6e-N, v5e-N, 8xH100, 4x8xH100, 8xH200 ...; default: the "
                    "config's `# topology:` comment")
     p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved run config (bases, defaults, overrides) as TOML and exit")
     p.add_argument("--no-lower", action="store_true", help="shapes and shardings only; skip tracing the step")
     p.add_argument("--cpu-compile", action="store_true",
                    help="also compile the step on XLA:CPU over one fake device per chip (slow for big "

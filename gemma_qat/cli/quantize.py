@@ -18,15 +18,17 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import dataclasses
+
     from gemma_qat.model.checkpoint import load_model, read_meta, save_model
     from gemma_qat.quant.ptq import dequantized_params
-    from gemma_qat.quant.recipe import get_recipe, resolve
+    from gemma_qat.quant.recipe import resolve_recipe
 
     config, params = load_model(args.checkpoint)
-    resolution = resolve(get_recipe(args.recipe, config), config)
+    resolution = resolve_recipe(args.recipe, config)
     print(resolution.report())
-    meta = {**read_meta(args.checkpoint), "kind": "ptq", "recipe": resolution.recipe.to_dict(),
-            "source": str(Path(args.checkpoint).absolute())}
+    meta = dataclasses.replace(read_meta(args.checkpoint), kind="ptq", recipe=resolution.recipe.to_dict(),
+                               source=str(Path(args.checkpoint).absolute()))
     save_model(args.out, dequantized_params(config, params, resolution, args.backend), config, meta=meta,
                force=args.force)
     print(f"PTQ ({args.recipe}) of {args.checkpoint} → {args.out}")

@@ -33,9 +33,15 @@ def run(config_path: str | None, overrides: Sequence[str] = ()) -> int:
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML run config (see configs/tiny.toml); omitted = all defaults")
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optimizer.lr=3e-4 mesh.fsdp=4")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved run config (bases, defaults, overrides) as TOML and exit")
 
 
 def _run_args(args) -> int:
+    if args.print_config:  # before any host joins: printing is a local, device-free step
+        from gemma_qat.train.config import resolved_toml
+        print(resolved_toml(args.config, args.overrides), end="")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax"):  # Orbax logs every file it renames; jax every backend it probes
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -34,7 +34,7 @@ from gemma_qat.model.layers import NoQuant
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant.policy import SCALES, RecipePolicy
 from gemma_qat.quant.ptq import dequantized_params
-from gemma_qat.quant.recipe import Resolution, get_recipe, resolve
+from gemma_qat.quant.recipe import Resolution, resolve_recipe
 
 _NOQUANT = NoQuant()
 _FORWARDS: dict = {}  # (config, policy key, dtype) -> jitted forward; candidates of one model share compiles
@@ -103,7 +103,7 @@ def ptq_candidate(name: str, config: ModelConfig, params, recipe: str | Resoluti
                   dtype=jnp.float32) -> Candidate:
     """The PTQ baseline: the teacher's weights replaced by their dequantized recipe values, run as a
     float model (the same numbers the fake-quant policy computes with)."""
-    res = recipe if isinstance(recipe, Resolution) else resolve(get_recipe(recipe, config), config)
+    res = recipe if isinstance(recipe, Resolution) else resolve_recipe(recipe, config)
     return jax_candidate(name, "ptq", source or f"PTQ {res.recipe.name}", config,
                          dequantized_params(config, params, res), recipe=res.recipe.name, dtype=dtype)
 
@@ -111,18 +111,18 @@ def ptq_candidate(name: str, config: ModelConfig, params, recipe: str | Resoluti
 def from_checkpoint(name: str, path, *, recipe: str | None = None, dtype=jnp.float32) -> Candidate:
     """A gemma-qat model checkpoint: float teacher, PTQ (kind 'ptq') or QAT student (has a recipe)."""
     meta = read_meta(path)
-    if meta.get("kind") == "ptq":  # `gemma-qat quantize` output: weights already dequantized
+    if meta.kind == "ptq":  # `gemma-qat quantize` output: weights already dequantized
         config, params = load_model(path)
-        rec = (meta.get("recipe") or {}).get("name")
+        rec = (meta.recipe or {}).get("name")
         return jax_candidate(name, "ptq", str(path), config, params, recipe=rec, dtype=dtype)
-    if meta.get("recipe") is None and recipe is None:
+    if meta.recipe is None and recipe is None:
         config, params = load_model(path)
         return jax_candidate(name, "float", str(path), config, params, dtype=dtype)
     from gemma_qat.export.common import load_student  # the exporters' reading of a student, shared
 
     config, params, res, scales = load_student(path, recipe)
     # The backend the student trained under (its run config): the same numbers, the same code path.
-    backend = ((meta.get("run_config") or {}).get("quant") or {}).get("backend", "formats")
+    backend = ((meta.run_config or {}).get("quant") or {}).get("backend", "formats")
     return jax_candidate(name, "qat", str(path), config, params, quant=RecipePolicy(res, backend=backend),
                          quant_scales=scales, recipe=res.recipe.name, dtype=dtype)
 

@@ -10,7 +10,7 @@ from gemma_qat.data import Tokenizer, check_vocab, make_eval_batches
 from gemma_qat.eval.candidates import from_checkpoint, load_candidate, ptq_candidate
 from gemma_qat.eval.metrics import evaluate, quant_errors
 from gemma_qat.eval.report import write_report
-from gemma_qat.quant.recipe import get_recipe, resolve
+from gemma_qat.quant.recipe import resolve_recipe
 
 
 def compare(teacher_dir, candidates: dict[str, str], *, data: str, tokenizer, recipe: str = "q4_0",
@@ -34,7 +34,7 @@ def compare(teacher_dir, candidates: dict[str, str], *, data: str, tokenizer, re
     tok = Tokenizer.load(tokenizer)
     check_vocab(tok, teacher.config.vocab_size)
     cands = []
-    resolution = resolve(get_recipe(recipe, teacher.config), teacher.config)
+    resolution = resolve_recipe(recipe, teacher.config)
     if ptq:
         name = f"ptq-{resolution.recipe.name}"
         cands.append(ptq_candidate(name, teacher.config, teacher.variables["params"], resolution,

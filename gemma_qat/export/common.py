@@ -33,7 +33,7 @@ from gemma_qat.model.params import abstract_params, flat_shapes
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.quant import formats, pack
 from gemma_qat.quant.policy import SCALES, RecipePolicy, weight_in_axes
-from gemma_qat.quant.recipe import FLOAT, Recipe, Resolution, get_recipe, resolve
+from gemma_qat.quant.recipe import FLOAT, Recipe, Resolution, resolve, resolve_recipe
 
 FORMAT_VERSION = 1
 EXPORT_FILE = "export.json"
@@ -46,18 +46,16 @@ def load_student(ckpt_dir, recipe: str | None = None):
     (a preset name) is used only when meta has none, and must agree with it when both exist, since a
     student trained against one recipe exported under another would not be that student."""
     config, params = load_model(ckpt_dir)
-    meta = read_meta(ckpt_dir)
-    stored = meta.get("recipe")
+    stored = read_meta(ckpt_dir).recipe
+    resolution = None
     if stored is not None:
         rec = Recipe.from_dict(stored)
         if recipe is not None and recipe.lower() != rec.name.lower():
             raise ValueError(f"{ckpt_dir} was trained with recipe {rec.name!r}; --recipe {recipe!r} disagrees "
                              "(omit --recipe to use the checkpoint's own)")
+        resolution = resolve(rec, config)
     elif recipe is not None:
-        rec = get_recipe(recipe, config)
-    else:
-        rec = None
-    resolution = resolve(rec, config) if rec is not None else None
+        resolution = resolve_recipe(recipe, config)
     return config, params, resolution, load_quant_scales(ckpt_dir)
 
 
@@ -197,7 +195,7 @@ def read_export(path, fmt: str):
 
 def source_info(ckpt_dir) -> dict:
     meta = read_meta(ckpt_dir)
-    return {"checkpoint": str(Path(ckpt_dir).absolute()), "step": meta.get("step"), "kind": meta.get("kind")}
+    return {"checkpoint": str(Path(ckpt_dir).absolute()), "step": meta.step, "kind": meta.kind}
 
 
 def warn_uncalibrated(resolution: Resolution, scales: dict) -> None:

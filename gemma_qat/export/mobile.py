@@ -28,7 +28,7 @@ from gemma_qat.export.orbax_q4_0 import unflatten
 from gemma_qat.hf.layout import tensor_maps
 from gemma_qat.model.config import ModelConfig
 from gemma_qat.quant import formats, pack
-from gemma_qat.quant.recipe import FLOAT, Recipe, Resolution, get_recipe, resolve
+from gemma_qat.quant.recipe import FLOAT, Recipe, Resolution, resolve, resolve_recipe
 
 FORMAT = "gemma-qat/mobile"
 INT_FORMATS = {"int2", "int4", "int8"}
@@ -145,9 +145,9 @@ def mobile_byte_report(config: ModelConfig, recipe: Recipe | str | None = None, 
     """The same report from shapes alone (abstract parameter tree, no weights): what a mobile export
     of `config` would store, with float tensors in `float_dtype` and activation scales for every
     quantized linear. Works for full-size configs on any machine."""
-    if recipe is None or isinstance(recipe, str):
-        recipe = get_recipe(recipe or "mobile", config)
-    rows = common.planned_arrays(config, resolve(recipe, config), float_dtype=np.dtype(float_dtype))
+    resolution = (resolve(recipe, config) if isinstance(recipe, Recipe)
+                  else resolve_recipe(recipe or "mobile", config))
+    rows = common.planned_arrays(config, resolution, float_dtype=np.dtype(float_dtype))
     return common.byte_report(rows)
 
 

@@ -1,10 +1,11 @@
-"""Model checkpoints on disk: an Orbax parameter tree plus the model config (and free-form metadata),
-written atomically so an output folder is either complete or absent; a quantized student's static
-activation scales beside them (quant_scales.json)."""
+"""Model checkpoints on disk: an Orbax parameter tree, the model config and a versioned metadata
+record (CheckpointMeta, meta.json), written atomically so an output folder is either complete or absent;
+a quantized student's static activation scales beside them (quant_scales.json)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -30,7 +31,34 @@ PARAMS_DIR = "params"
 SCALES_JSON = "quant_scales.json"
 SCALES_DIR = "quant_scales"
 SCALE_DTYPE = np.float32
+# meta.json versions: 0 = the unversioned file written before the record was typed (the same keys
+# with the same meaning); 1 = the same keys plus `version`. Bump it when a key changes meaning.
+META_VERSION = 1
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+    """What the weights of a model checkpoint are and where they came from. Every writer builds one
+    (`save_model(meta=...)`); `read_meta` is the one reader."""
+
+    kind: str | None = None  # "float" (imported or float-trained), "ptq" (`gemma-qat quantize`), "qat"
+    param_dtype: str = "float32"  # the stored dtype; load_model restores in it
+    recipe: dict | None = None  # Recipe.to_dict() the weights were trained (qat) or quantized (ptq) under
+    step: int | None = None  # the training step of a run's final model
+    tokenizer: str | None = None  # the run's tokenizer
+    source: str | None = None  # what the weights came from (an HF folder, the checkpoint quantized)
+    run_config: dict | None = None  # RunConfig.to_dict() of the run that wrote it, as saved
+    extra: dict = dataclasses.field(default_factory=dict)  # keys no version defines, kept as found
+    version: int = META_VERSION  # the version the file was read as; a write is always META_VERSION
+
+    def to_json(self) -> dict:
+        known = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "version")}
+        return {"version": META_VERSION, **{k: v for k, v in known.items() if v is not None}, **self.extra}
+
+
+_META_TYPES = {"kind": str, "param_dtype": str, "recipe": dict, "step": int, "tokenizer": str, "source": str,
+               "run_config": dict}
 
 
 @contextlib.contextmanager
@@ -100,7 +128,8 @@ def _barrier(multi: bool, name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def save_model(out_dir, params: dict, config: ModelConfig, *, meta: dict | None = None, force: bool = False) -> Path:
+def save_model(out_dir, params: dict, config: ModelConfig, *, meta: CheckpointMeta | None = None,
+               force: bool = False) -> Path:
     """Writes OUT/params (Orbax), OUT/model_config.json and OUT/meta.json atomically."""
     check_tree(params, config)
     with atomic_dir(out_dir, force=force) as tmp:
@@ -109,7 +138,7 @@ def save_model(out_dir, params: dict, config: ModelConfig, *, meta: dict | None 
         ckptr.wait_until_finished()
         if jax.process_index() == 0:  # one writer for the small files (shared folder when multi-host)
             (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
-            (tmp / META_FILE).write_text(json.dumps(meta or {}, indent=2, default=str))
+            write_meta(tmp, meta or CheckpointMeta())
     return Path(out_dir)
 
 
@@ -139,8 +168,7 @@ def load_model(ckpt_dir, *, dtype=None, shardings=None) -> tuple[ModelConfig, di
     """Restores (config, params). `dtype` casts on restore; `shardings` (a tree of Shardings like
     the params) places each array directly on its devices without a full host copy."""
     config = load_config(ckpt_dir)
-    meta = read_meta(ckpt_dir)
-    stored = jnp.dtype(meta.get("param_dtype", "float32"))
+    stored = jnp.dtype(read_meta(ckpt_dir).param_dtype)
     target = abstract_params(config, param_dtype=dtype or stored)
     if shardings is not None:
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
@@ -155,17 +183,33 @@ def load_model(ckpt_dir, *, dtype=None, shardings=None) -> tuple[ModelConfig, di
     return config, params
 
 
-def read_meta(ckpt_dir) -> dict:
+def write_meta(ckpt_dir, meta: CheckpointMeta) -> None:
+    (Path(ckpt_dir) / META_FILE).write_text(json.dumps(meta.to_json(), indent=2, default=str))
+
+
+def read_meta(ckpt_dir) -> CheckpointMeta:
+    """meta.json as a CheckpointMeta; no file reads as the defaults (version 0, as before)."""
     path = Path(ckpt_dir) / META_FILE
     if not path.is_file():
-        return {}
+        return CheckpointMeta(version=0)
     try:
-        meta = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path} is corrupt: {e}") from None
-    if not isinstance(meta, dict):
+    if not isinstance(data, dict):
         raise ValueError(f"{path} is corrupt: a JSON object expected")
-    return meta
+    version = data.pop("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ValueError(f"{path} is corrupt: version {version!r} is not a version number")
+    if version > META_VERSION:
+        raise ValueError(f"{path} has metadata version {version}; this gemma-qat reads versions up to "
+                         f"{META_VERSION}: upgrade gemma-qat to read it")
+    for key, tp in _META_TYPES.items():  # versions 0 and 1 share keys and meanings
+        value = data.get(key)
+        if value is not None and (not isinstance(value, tp) or isinstance(value, bool)):
+            raise ValueError(f"{path} is corrupt: {key} = {value!r} is not of type {tp.__name__}")
+    known = {k: v for k in _META_TYPES if (v := data.pop(k, None)) is not None}
+    return CheckpointMeta(**known, extra=data, version=version)
 
 
 def check_tree(params: dict, config: ModelConfig) -> None:

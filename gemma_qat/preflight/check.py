@@ -112,7 +112,7 @@ def _axes(entry) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
-def _check_dims(model_cfg, shardings, mesh, recipe: str, notes: list[str]) -> None:
+def _check_dims(model_cfg, shardings, mesh, parallelism: str, notes: list[str]) -> None:
     """sharding._fit silently replicates a dim its mesh axes do not divide. A dim at least as large
     as the axis is a config mistake (error); a smaller one (1 KV head over tensor=2) is the intended
     fallback (note)."""
@@ -121,7 +121,7 @@ def _check_dims(model_cfg, shardings, mesh, recipe: str, notes: list[str]) -> No
     fitted = traverse_util.flatten_dict(shardings)
     errors, fallbacks = {}, {}
     for path, logical in specs.items():
-        wanted = nn.logical_to_mesh_axes(tuple(logical), sharding.rules(recipe))
+        wanted = nn.logical_to_mesh_axes(tuple(logical), sharding.rules(parallelism))
         got = tuple(fitted[path].spec) + (None,) * len(shapes[path])
         for dim, (w, g, size) in enumerate(zip(wanted, got, shapes[path])):
             lost = [a for a in _axes(w) if a not in _axes(g) and mesh.shape[a] > 1]
@@ -151,11 +151,11 @@ class _Plan:
 
 def _plan(cfg, mesh, s_cfg, t_cfg, tx, policy, abstract_state, cache_k: int = 0) -> _Plan:
     """t_cfg None: the offline step (teacher.cache), whose batch carries top-`cache_k` log-probs and ids."""
-    recipe = cfg.mesh.recipe
+    parallelism = cfg.mesh.parallelism
     p_dtype, t_dtype = _DTYPES[cfg.optimizer.param_dtype], _DTYPES[cfg.teacher.param_dtype]
-    p_sh = state_lib.param_shardings(s_cfg, mesh, recipe, param_dtype=p_dtype)
+    p_sh = state_lib.param_shardings(s_cfg, mesh, parallelism, param_dtype=p_dtype)
     state_sh = state_lib.state_shardings(abstract_state, p_sh, mesh)
-    batch_sh = sharding.batch_sharding(mesh, recipe)
+    batch_sh = sharding.batch_sharding(mesh, parallelism)
     shape = (cfg.data.global_batch_size, cfg.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh) for k in step_lib.BATCH_KEYS}
     if t_cfg is None:
@@ -163,7 +163,7 @@ def _plan(cfg, mesh, s_cfg, t_cfg, tx, policy, abstract_state, cache_k: int = 0)
         batch["topk_ids"] = jax.ShapeDtypeStruct(shape + (cache_k,), jnp.int32, sharding=batch_sh)
         t_sh, teacher = {}, {}
     else:
-        t_sh = state_lib.param_shardings(t_cfg, mesh, recipe, param_dtype=t_dtype)
+        t_sh = state_lib.param_shardings(t_cfg, mesh, parallelism, param_dtype=t_dtype)
         teacher = _with(abstract_params(t_cfg, param_dtype=t_dtype), t_sh)
     jitted = build.build_step(cfg, s_cfg, t_cfg, policy, tx, state_sh, t_sh, batch_sh, mesh)
     return _Plan(mesh, _with(abstract_state, state_sh), teacher, batch, jitted)
@@ -179,10 +179,10 @@ def _policy(cfg: RunConfig, s_cfg):
     return policy
 
 
-def _compile(plan, recipe: str):
+def _compile(plan, parallelism: str):
     """(the Compiled step, seconds to lower and compile)."""
     t0 = time.perf_counter()
-    with sharding.activate(plan.mesh, recipe):
+    with sharding.activate(plan.mesh, parallelism):
         compiled = plan.jitted.lower(plan.state, plan.teacher, plan.batch).compile()
     return compiled, time.perf_counter() - t0
 
@@ -215,7 +215,7 @@ def _check_step(cfg, topo, shape, plan_for, report: Report, *, cpu_compile: bool
     """Compiles for the target with its own compiler when it is here (libtpu for TPU slices, the CUDA
     plugin on a GPU host for GPU clusters); otherwise lowers on the abstract mesh for the target
     platform, and compiles on XLA:CPU fake devices when asked and the count matches."""
-    recipe = cfg.mesh.recipe
+    parallelism = cfg.mesh.parallelism
     devices = None
     if target:
         try:
@@ -227,7 +227,7 @@ def _check_step(cfg, topo, shape, plan_for, report: Report, *, cpu_compile: bool
         who = f"{'TPU' if topo.platform == 'tpu' else 'GPU'} compiler ({topo.name})"
         plan = plan_for(Mesh(np.asarray(devices).reshape(shape), sharding.MESH_AXES))
         try:
-            compiled, seconds = _compile(plan, recipe)
+            compiled, seconds = _compile(plan, parallelism)
         except Exception as e:  # XlaRuntimeError; only an out-of-HBM verdict is an answer, not a crash
             if not _out_of_memory(e):
                 raise
@@ -239,7 +239,7 @@ def _check_step(cfg, topo, shape, plan_for, report: Report, *, cpu_compile: bool
         _check_arguments(plan, compiled, who, report)
         return
     plan = plan_for(AbstractMesh(shape, sharding.MESH_AXES))
-    with jax.sharding.use_abstract_mesh(plan.mesh), nn.logical_axis_rules(sharding.rules(recipe)):
+    with jax.sharding.use_abstract_mesh(plan.mesh), nn.logical_axis_rules(sharding.rules(parallelism)):
         lowered = plan.jitted.trace(plan.state, plan.teacher, plan.batch).lower(
             lowering_platforms=(topo.lowering_platform,))
     kib = len(lowered.as_text()) // 1024
@@ -252,7 +252,8 @@ def _check_step(cfg, topo, shape, plan_for, report: Report, *, cpu_compile: bool
                             f"{jax.device_count()} {jax.devices()[0].platform} (set XLA_FLAGS="
                             f"--xla_force_host_platform_device_count={topo.chips} before jax starts)")
         return
-    compiled, seconds = _compile(plan_for(Mesh(np.asarray(jax.devices()).reshape(shape), sharding.MESH_AXES)), recipe)
+    cpu_mesh = Mesh(np.asarray(jax.devices()).reshape(shape), sharding.MESH_AXES)
+    compiled, seconds = _compile(plan_for(cpu_mesh), parallelism)
     report.set_compiled(compiled, f"XLA:CPU on {topo.chips} fake devices", seconds, target=False)
     report.step_check += f"; also compiled on XLA:CPU ({topo.chips} fake devices)"
 
@@ -273,7 +274,7 @@ def _replicated(abstract_state, mesh_size: int, notes: list[str]) -> None:
     if mesh_size > 1 and frac > REPLICATED_TOLERANCE:
         top = ", ".join(f"{k} ({v:,} params)" for k, v in sorted(repl.items(), key=lambda kv: -kv[1])[:3])
         notes.append(f"{frac:.0%} of the parameters are replicated on every device (tolerance "
-                     f"{REPLICATED_TOLERANCE:.0%}): {top}; a recipe that shards these dims saves that memory")
+                     f"{REPLICATED_TOLERANCE:.0%}): {top}; a mesh.parallelism that shards these dims saves that memory")
 
 
 def _gathered_layer_bytes(abstract_state, mesh) -> int:
@@ -310,7 +311,7 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
     topo = parse(topology) if isinstance(topology, str) else topology
     shape = _mesh_shape(cfg, topo)
     mesh = AbstractMesh(shape, sharding.MESH_AXES)
-    recipe, o = cfg.mesh.recipe, cfg.optimizer
+    parallelism, o = cfg.mesh.parallelism, cfg.optimizer
     try:
         build.check_batch_layout(cfg, mesh)  # the loop's own check: preflight rejects exactly what it rejects
     except ValueError as e:
@@ -318,7 +319,7 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
     if cfg.data.global_batch_size % topo.hosts:
         raise PreflightError(f"data.global_batch_size={cfg.data.global_batch_size} must split evenly over the "
                              f"{topo.hosts} hosts of {topo.name} (each host reads its own rows)")
-    report = Report(topology=topo, mesh=dict(zip(sharding.MESH_AXES, shape)), recipe=recipe, config=cfg)
+    report = Report(topology=topo, mesh=dict(zip(sharding.MESH_AXES, shape)), parallelism=parallelism, config=cfg)
     s_cfg, t_cfg = _models(cfg, teacher_model, report.notes)
     cache_k = _cache_k(cfg, report.notes) if t_cfg is None else 0
     policy = _policy(cfg, s_cfg)
@@ -332,9 +333,9 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
     abstract = jax.eval_shape(init, abstract_params(s_cfg, param_dtype=p_dtype))
     plan_for = lambda m: _plan(cfg, m, s_cfg, t_cfg, tx, policy, abstract, cache_k)  # noqa: E731
     plan = plan_for(mesh)
-    _check_dims(s_cfg, jax.tree.map(lambda a: a.sharding, plan.state.params), mesh, recipe, report.notes)
+    _check_dims(s_cfg, jax.tree.map(lambda a: a.sharding, plan.state.params), mesh, parallelism, report.notes)
     if t_cfg is not None and t_cfg is not s_cfg:
-        _check_dims(t_cfg, jax.tree.map(lambda a: a.sharding, plan.teacher), mesh, recipe, report.notes)
+        _check_dims(t_cfg, jax.tree.map(lambda a: a.sharding, plan.teacher), mesh, parallelism, report.notes)
     resolution = getattr(policy, "resolution", None)
     if resolution is not None and "q4_0" in resolution.quantized().values():
         try:
@@ -360,7 +361,7 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
     rows = plan.batch["tokens"].sharding.shard_shape(plan.batch["tokens"].shape)[0]
     geometry = preflight_memory.StepGeometry(
         rows=rows, seq_len=cfg.data.seq_len, compute_bytes=jnp.dtype(_DTYPES[o.compute_dtype]).itemsize,
-        tensor=report.mesh["tensor"] if recipe != "fsdp" else 1, remat=cfg.remat, chunk=cfg.distill.chunk_size,
+        tensor=report.mesh["tensor"] if parallelism != "fsdp" else 1, remat=cfg.remat, chunk=cfg.distill.chunk_size,
         gathered_layer_bytes=_gathered_layer_bytes(plan.state, mesh),
         kept_weight_elements=_kept_weight_elements(plan.state),
         scan_stack_bytes=(2 * _scanned_layer_bytes(plan.state.params, s_cfg, policy)

@@ -3,11 +3,11 @@
 Used by the preflight when no compiler for the target platform is at hand (a CPU host without
 libtpu, any GPU target). The model is the one in model/transformer.py as written: attention
 materialises fp32 scores [B, K, G, T, S] (no flash kernel), remat wraps whole blocks, the loss runs
-over sequence chunks with remat (distill.py), the teacher runs forward only.
+over sequence chunks with remat (loss/distill.py), the teacher runs forward only.
 
 Letters: b rows per device, T seq_len, c bytes of the compute dtype, D model dim, N/K q/kv heads,
 H head dim, F FFN dim, P PLE dim, V vocab, L layers, tp the tensor shards of heads/FFN/vocab
-activations (1 under the `fsdp` recipe; a dim tp does not divide stays whole, as sharding._fit does).
+activations (1 under the `fsdp` parallelism; a dim tp does not divide stays whole, as sharding._fit does).
 
 Per layer i, everything live if nothing were rematerialised:
     A_i = 8·bTD·c                      residual stream, its norms and branch outputs

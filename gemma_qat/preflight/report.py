@@ -50,7 +50,7 @@ class TensorRow:
 class Report:
     topology: Topology
     mesh: dict[str, int]
-    recipe: str
+    parallelism: str
     config: Any  # RunConfig
     rows: list[tuple[str, int, str]] = dataclasses.field(default_factory=list)  # (what, bytes/device, source)
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -116,7 +116,7 @@ class Report:
             "topology": {"name": t.name, "chip": t.chip.name, "platform": t.platform, "chips": t.chips,
                          "hosts": t.hosts, "chips_per_host": t.chips_per_host, "hbm_bytes": t.hbm_bytes,
                          "usable_bytes": self.usable},
-            "mesh": self.mesh, "recipe": self.recipe, "rows_per_device": self.rows_per_device,
+            "mesh": self.mesh, "parallelism": self.parallelism, "rows_per_device": self.rows_per_device,
             "memory_per_device": [{"what": w, "bytes": b, "source": s} for w, b, s in self.rows],
             "estimate_terms": self.estimate_terms,
             "compiled": self.compiled, "compiled_on": self.compiled_on or None,
@@ -134,7 +134,7 @@ class Report:
         out = [f"preflight: {c.model.name} (quant {c.quant.recipe}, remat {c.remat}"
                f"{', layers scanned' if c.scan_layers else ''}, seq {c.data.seq_len}, "
                f"global batch {c.data.global_batch_size}) on {t.describe()}",
-               f"mesh: {mesh}, recipe {self.recipe}; {self.rows_per_device} rows per device",
+               f"mesh: {mesh}, parallelism {self.parallelism}; {self.rows_per_device} rows per device",
                f"step: {self.step_check}", "", "per device:"]
         out += [f"  {w:28s}{size(b):>12s}   {s}" for w, b, s in self.rows]
         if self.compiled:

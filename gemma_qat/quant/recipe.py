@@ -112,6 +112,9 @@ def mobile_recipe(config: ModelConfig, name: str = "mobile") -> Recipe:
     ), activations="int8_static")
 
 
+PRESETS = ("q4_0", "mobile", "mobile-e2b", "mobile-e4b")  # names get_recipe knows, any case
+
+
 def get_recipe(name: str, config: ModelConfig) -> Recipe:
     name = name.lower()
     if name == "q4_0":
@@ -121,7 +124,12 @@ def get_recipe(name: str, config: ModelConfig) -> Recipe:
             raise ValueError(f"recipe {name!r} is for {name.split('-')[1].upper()}, the model is {config.name!r}; "
                              "use --recipe mobile for other E-type models")
         return mobile_recipe(config, name)
-    raise ValueError(f"unknown recipe {name!r}; presets: q4_0, mobile, mobile-e2b, mobile-e4b")
+    raise ValueError(f"unknown recipe {name!r}; presets: {', '.join(PRESETS)}")
+
+
+def resolve_recipe(name: str, config: ModelConfig, *, strict: bool = True) -> Resolution:
+    """The preset `name` resolved against `config`: what every caller of a named recipe wants."""
+    return resolve(get_recipe(name, config), config, strict=strict)
 
 
 def resolve(recipe: Recipe, config: ModelConfig, *, strict: bool = True) -> Resolution:

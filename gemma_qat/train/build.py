@@ -31,25 +31,25 @@ def distill_schedule(d: DistillSection, total_steps: int) -> distill.DistillSche
 
 
 def check_batch_layout(cfg: RunConfig, mesh) -> None:
-    """The global batch must split evenly over the recipe's batch axes (a Mesh or an AbstractMesh)."""
-    spec = sharding.batch_sharding(mesh, cfg.mesh.recipe).spec[0]
+    """The global batch must split evenly over the parallelism's batch axes (a Mesh or an AbstractMesh)."""
+    spec = sharding.batch_sharding(mesh, cfg.mesh.parallelism).spec[0]
     axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
     shards = 1
     for a in axes:
         shards *= mesh.shape[a]
     if cfg.data.global_batch_size % shards:
         raise ValueError(f"data.global_batch_size={cfg.data.global_batch_size} must be a multiple of the "
-                         f"{shards} batch shards of mesh axes {axes} (recipe {cfg.mesh.recipe!r})")
+                         f"{shards} batch shards of mesh axes {axes} (mesh.parallelism {cfg.mesh.parallelism!r})")
 
 
 def build_step(cfg: RunConfig, student_config, teacher_config, policy, tx, state_sh, teacher_sh, batch_sh, mesh):
     """jit(step) with the shardings pinned (train/step.py jit_step). Built once per distinct set of
     what the compiled program depends on (step.cached), so a resume or a second preflight in one
-    process reuses it; the shardings follow from the configs, the mesh and the recipe."""
+    process reuses it; the shardings follow from the configs, the mesh and its parallelism."""
     o = cfg.optimizer
     offline = teacher_config is None
     key = (student_config, teacher_config, policy, o, cfg.distill, cfg.remat, cfg.attention, cfg.scan_layers, cfg.teacher.param_dtype,
-           mesh, cfg.mesh.recipe, cfg.data.global_batch_size, cfg.data.seq_len)
+           mesh, cfg.mesh.parallelism, cfg.data.global_batch_size, cfg.data.seq_len)
 
     def build():
         compute = DTYPES[o.compute_dtype]

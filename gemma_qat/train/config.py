@@ -6,9 +6,11 @@
     [data]        spec, tokenizer, seq_len, global_batch_size, seed
     [optimizer]   AdamW + warmup/cosine, clipping, accumulation, dtypes
     [distill]     temperature / alpha and their schedules, loss chunk size, loss_impl (xla | pallas | auto)
-    [quant]       student quantization recipe name (`none` = float student); q4_0_impl (xla | pallas | auto);
+    [quant]       student quantization recipe name (`none` = float student, a preset of quant/recipe.py,
+                  or a name registered with train/policy.py); q4_0_impl (xla | pallas | auto);
                   backend (formats | aqt: who computes the fake-quant, same bits)
-    [mesh]        sharding.MeshConfig fields (data, fsdp, tensor, expert, recipe)
+    [mesh]        sharding.MeshConfig fields (data, fsdp, tensor, expert, parallelism: the sharding
+                  rules fsdp | fsdp_tp | fsdp_tp_ep; formerly `recipe`)
     [checkpoint]  where and how often, how many to keep
     [logging]     cadence, TensorBoard, peak FLOP/s for MFU
     [guard]       loss-spike guard (train/guard.py; non-finite losses always stop the run)
@@ -17,7 +19,8 @@
 
 Every step count (total_steps, warmup_steps, every_steps, ...) counts train steps, i.e. batches of
 `data.global_batch_size`; with `optimizer.grad_accum_steps = k` the weights move every k steps.
-Load with `load_run_config(path, overrides)`; `to_dict()` is what gets saved beside checkpoints.
+Load with `load_run_config(path, overrides)`; `to_dict()` is what gets saved beside checkpoints (the
+resolved config, never a file's `base = ...` form). `resolved_toml` prints one in full (--print-config).
 """
 
 from __future__ import annotations
@@ -34,11 +37,15 @@ from gemma_qat.quant.policy import BACKENDS as QUANT_BACKENDS
 # naming it here spares the config the kernels' imports.
 from gemma_qat.devices import KERNEL_IMPLS as LOSS_IMPLS, KERNEL_IMPLS as Q4_0_IMPLS
 from gemma_qat.sharding import MeshConfig
-from gemma_qat.train import config_io
+from gemma_qat.train import config_io, policy as policy_lib
 
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("constant", "linear", "cosine")
 GUARD_ACTIONS = ("warn", "stop")
+# Old dotted key → new. A TOML file or override with the old key is an error naming the new one; a
+# saved run config (a .json file such as <run_dir>/config.json, or `from_dict` of a checkpoint's copy
+# or of meta.json's run_config) is upgraded, so runs saved before the rename still resume and evaluate.
+RENAMED = {"mesh.recipe": "mesh.parallelism"}
 # `data.spec = "python-corpus"` builds the Python stdlib corpus under the run dir (no downloads).
 PYTHON_CORPUS = "python-corpus"
 
@@ -102,7 +109,7 @@ class DistillSection:
     alpha_end: float | None = None
     schedule_steps: int = 0
     chunk_size: int = 256  # tokens per logits chunk in the loss (memory: B · chunk · V fp32)
-    loss_impl: str = "auto"  # xla | pallas | auto (loss_kernel.py: two Pallas passes over the logits on one GPU)
+    loss_impl: str = "auto"  # xla | pallas | auto (loss/kernel.py: two Pallas passes over the logits on one GPU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +209,8 @@ def _problems(c: RunConfig) -> list[str]:
     _choice(p, "attention", c.attention, ATTENTION_IMPLS)
     _choice(p, "quant.q4_0_impl", c.quant.q4_0_impl, Q4_0_IMPLS)
     _choice(p, "quant.backend", c.quant.backend, QUANT_BACKENDS)
+    if not policy_lib.is_known(c.quant.recipe):  # else a typo surfaces only after data and tokenizer load
+        p.append(f"quant.recipe={c.quant.recipe!r} must be one of {policy_lib.known_names()}")
     _choice(p, "distill.loss_impl", s.loss_impl, LOSS_IMPLS)
     _choice(p, "optimizer.param_dtype", o.param_dtype, DTYPES)
     _choice(p, "optimizer.compute_dtype", o.compute_dtype, DTYPES)
@@ -243,8 +252,24 @@ def _problems(c: RunConfig) -> list[str]:
 
 def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Defaults ← TOML (or a saved config.json) ← `key=value` overrides."""
-    return config_io.load(RunConfig, path, overrides)
+    return config_io.load(RunConfig, path, overrides, RENAMED)
 
 
 def from_dict(data: dict) -> RunConfig:
-    return config_io.build(RunConfig, data)
+    """A saved run config (`to_dict()`), from this or an older version."""
+    return config_io.build(RunConfig, config_io.upgrade(data, RENAMED), renamed=RENAMED)
+
+
+def resolved_toml(path: str | Path | None = None, overrides: Sequence[str] = ()) -> str:
+    """`path` + overrides as one self-contained TOML file (bases, defaults and overrides applied) that
+    loads back to the same RunConfig. A preset's `# topology:` line stays first: preflight reads it."""
+    cfg = load_run_config(path, overrides)
+    head = []
+    if path is not None:
+        for line in Path(path).read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            if line[1:].strip().startswith("topology:"):
+                head.append(line[1:].strip())
+    head.append(f"run config of {path or '(defaults)'}{' ' + ' '.join(overrides) if overrides else ''}, resolved")
+    return config_io.to_toml(cfg, head)

@@ -81,7 +81,7 @@ def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) 
     _check_writable(run_dir)
     mesh = _make_mesh(cfg, devices)
     build.check_batch_layout(cfg, mesh)
-    recipe, o = cfg.mesh.recipe, cfg.optimizer
+    parallelism, o = cfg.mesh.parallelism, cfg.optimizer
     param_dtype = _DTYPES[o.param_dtype]
     teacher_dtype = _DTYPES[cfg.teacher.param_dtype]
 
@@ -107,10 +107,10 @@ def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) 
     tx = optim.make_optimizer(o)
     # Set-up runs outside `sharding.activate`: unboxing logical-axis metadata eagerly under active
     # rules would try to constrain arrays that have no sharding yet; out_shardings place everything.
-    params = state_lib.init_student_params(cfg.model.name, s_cfg, mesh, recipe, seed=cfg.model.init_seed,
+    params = state_lib.init_student_params(cfg.model.name, s_cfg, mesh, parallelism, seed=cfg.model.init_seed,
                                            param_dtype=param_dtype)
     t_cfg, t_params = (None, {}) if cache else state_lib.load_teacher(cfg.teacher.checkpoint, s_cfg, params,
-                                                                      mesh, recipe, dtype=teacher_dtype)
+                                                                      mesh, parallelism, dtype=teacher_dtype)
     if cfg.model.init_noise > 0:  # after the teacher copy: "same" means the clean initial weights
         params = state_lib.perturb_params(params, seed=cfg.model.init_seed, noise=cfg.model.init_noise)
     state, state_sh = state_lib.create_train_state(params, tx, mesh, seed=cfg.model.init_seed)
@@ -120,7 +120,7 @@ def _setup(cfg: RunConfig, quant_policy: QuantPolicy | None, devices, print_fn) 
             policy = _with_static_scales(cfg, policy, s_cfg, params, None if cache else (spec, tokenizer), print_fn)
     del params  # the state holds its own copy
     t_sh = jax.tree.map(lambda a: a.sharding, t_params)
-    batch_sh = sharding.batch_sharding(mesh, recipe)
+    batch_sh = sharding.batch_sharding(mesh, parallelism)
 
     if cache:
         iterator = cache.make_iterator(cfg.data.global_batch_size, shard_index=jax.process_index(),
@@ -188,7 +188,7 @@ def train(cfg: RunConfig, *, quant_policy: QuantPolicy | None = None,
     step = int(jax.device_get(state.step))
     pending, stopped = None, False
     try:
-        with install_handlers(flag), sharding.activate(run.mesh, cfg.mesh.recipe):
+        with install_handlers(flag), sharding.activate(run.mesh, cfg.mesh.parallelism):
             while step < total:
                 batch = step_lib.global_batch(next(run.iterator), run.batch_sharding)
                 state, device_metrics = run.jstep(state, run.teacher_params, batch)
@@ -248,9 +248,10 @@ def save_final_model(cfg: RunConfig, run: _Run, state) -> Path:
     """<run_dir>/model: the trained student as a model checkpoint (params, config, and in meta the
     recipe it was trained under and the tokenizer), which export, eval and a next run start from."""
     recipe = getattr(run.policy, "resolution", None)
-    meta = {"kind": "qat" if recipe is not None else "float", "step": int(jax.device_get(state.step)),
-            "param_dtype": cfg.optimizer.param_dtype, "tokenizer": run.tokenizer,
-            "run_config": cfg.to_dict(), **({"recipe": recipe.recipe.to_dict()} if recipe is not None else {})}
+    meta = checkpoint.CheckpointMeta(
+        kind="qat" if recipe is not None else "float", step=int(jax.device_get(state.step)),
+        param_dtype=cfg.optimizer.param_dtype, tokenizer=run.tokenizer, run_config=cfg.to_dict(),
+        recipe=recipe.recipe.to_dict() if recipe is not None else None)
     out = Path(cfg.run_dir) / FINAL_MODEL_DIR
     checkpoint.save_model(out, state.params, run.model_config, meta=meta, force=True)
     scales = getattr(run.policy, "static_scales", None)

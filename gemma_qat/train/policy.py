@@ -12,7 +12,7 @@ from typing import Callable
 from gemma_qat.model.config import ModelConfig
 from gemma_qat.model.layers import NoQuant, QuantPolicy
 from gemma_qat.quant.policy import RecipePolicy
-from gemma_qat.quant.recipe import get_recipe, resolve
+from gemma_qat.quant.recipe import PRESETS, resolve_recipe
 
 PolicyFactory = Callable[[ModelConfig], QuantPolicy]
 
@@ -27,11 +27,21 @@ def register_policy(name: str, factory: PolicyFactory) -> None:
     _REGISTRY[name] = factory
 
 
+def known_names() -> list[str]:
+    """Every `quant.recipe` that resolves (registered names, then presets): the config checks
+    against this when it loads, before any data or model is touched."""
+    return [*_REGISTRY, *PRESETS]
+
+
+def is_known(name: str) -> bool:
+    return name in _REGISTRY or name.lower() in PRESETS  # presets in any case, as get_recipe
+
+
 @functools.lru_cache(maxsize=16)
 def recipe_policy(name: str, config: ModelConfig, q4_0_impl: str = "auto", backend: str = "formats") -> RecipePolicy:
     """A preset recipe resolved for `config` (cached: the same policy object keeps compiled steps).
     backend: "formats" or "aqt" (quant/policy.py BACKENDS), the fake-quant's implementation."""
-    return RecipePolicy(resolve(get_recipe(name, config), config), q4_0_impl=q4_0_impl, backend=backend)
+    return RecipePolicy(resolve_recipe(name, config), q4_0_impl=q4_0_impl, backend=backend)
 
 
 def resolve_policy(name: str, config: ModelConfig, q4_0_impl: str = "auto", backend: str = "formats") -> QuantPolicy:

@@ -33,9 +33,9 @@ class TrainState:
     rng: jax.Array  # uint32 [2]; split every step for stochastic quant policies
 
 
-def param_shardings(config: ModelConfig, mesh: Mesh, recipe: str, *, param_dtype=jnp.float32):
+def param_shardings(config: ModelConfig, mesh: Mesh, parallelism: str, *, param_dtype=jnp.float32):
     return sharding.tree_shardings(abstract_params(config, param_dtype=param_dtype), logical_axes(config),
-                                   mesh, recipe)
+                                   mesh, parallelism)
 
 
 def _dict_path(keypath) -> tuple[str, ...]:
@@ -80,21 +80,21 @@ def student_config(name: str) -> ModelConfig:
     return get_config(name) if is_variant(name) else checkpoint.load_config(name)
 
 
-def init_student_params(name: str, config: ModelConfig, mesh: Mesh, recipe: str, *, seed: int,
+def init_student_params(name: str, config: ModelConfig, mesh: Mesh, parallelism: str, *, seed: int,
                         param_dtype=jnp.float32):
     """Sharded initial weights: random (variant name) or restored (checkpoint folder)."""
     if is_variant(name):
-        return _jitted_init(config, param_dtype, mesh, recipe)(jax.random.PRNGKey(seed))
-    shardings = param_shardings(config, mesh, recipe, param_dtype=param_dtype)
+        return _jitted_init(config, param_dtype, mesh, parallelism)(jax.random.PRNGKey(seed))
+    shardings = param_shardings(config, mesh, parallelism, param_dtype=param_dtype)
     _, params = checkpoint.load_model(name, dtype=param_dtype, shardings=shardings)
     return params
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_init(config: ModelConfig, param_dtype, mesh: Mesh, recipe: str):
+def _jitted_init(config: ModelConfig, param_dtype, mesh: Mesh, parallelism: str):
     # Random init takes XLA seconds to compile on CPU; repeated runs in one process (tests, sweeps,
     # notebooks) with the same model and mesh reuse one compiled initialiser.
-    shardings = param_shardings(config, mesh, recipe, param_dtype=param_dtype)
+    shardings = param_shardings(config, mesh, parallelism, param_dtype=param_dtype)
     return jax.jit(lambda r: init_params(config, r, param_dtype=param_dtype), out_shardings=shardings)
 
 
@@ -133,7 +133,7 @@ def abstract_state(state_sh: TrainState, like: TrainState) -> TrainState:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), like, state_sh)
 
 
-def load_teacher(source: str, student_cfg: ModelConfig, student_params: dict, mesh: Mesh, recipe: str, *,
+def load_teacher(source: str, student_cfg: ModelConfig, student_params: dict, mesh: Mesh, parallelism: str, *,
                  dtype) -> tuple[ModelConfig, dict]:
     """Frozen teacher weights in `dtype`, sharded by the same rules as the student.
 
@@ -150,7 +150,7 @@ def load_teacher(source: str, student_cfg: ModelConfig, student_params: dict, me
     cfg = checkpoint.load_config(source)
     check_teacher(cfg, student_cfg, source)
     _, params = checkpoint.load_model(source, dtype=dtype,
-                                      shardings=param_shardings(cfg, mesh, recipe, param_dtype=dtype))
+                                      shardings=param_shardings(cfg, mesh, parallelism, param_dtype=dtype))
     return cfg, params
 
 
