@@ -38,7 +38,7 @@ def test_auto_falls_back_to_xla_off_gpu_and_bad_impl_is_named():
     assert jax.default_backend() == "cpu"
     np.testing.assert_array_equal(attend(q, k, v, mask, None, None, impl="auto"),
                                   attend(q, k, v, mask, None, None, impl="xla"))
-    with pytest.raises(ValueError, match="flash.*'xla', 'cudnn' or 'auto'"):
+    with pytest.raises(ValueError, match="flash.*'xla', 'cudnn', 'splash', 'auto'"):
         attend(q, k, v, mask, None, None, impl="flash")
 
 

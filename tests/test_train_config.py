@@ -172,7 +172,7 @@ def test_cli_train_rejects_non_finite_floats_in_one_line(capsys, tmp_path, overr
     ("quant.q4_0_impl=triton", "['auto', 'xla', 'pallas']"),
     ("quant.backend=torchao", "['formats', 'aqt']"),
     ("distill.loss_impl=cuda", "['auto', 'xla', 'pallas']"),
-    ("attention=flash", "['xla', 'cudnn', 'auto']"),
+    ("attention=flash", "['xla', 'cudnn', 'splash', 'auto']"),
     ("remat=some", "['none', 'full', 'dots', 'weights']"),
     ("mesh.parallelism=zero3", "['fsdp', 'fsdp_tp', 'fsdp_tp_ep']"),
 ])

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from gemma_qat import devices, sharding
+from gemma_qat.model import splash
 from gemma_qat.model.layers import (Array, DType, Einsum, QuantPolicy, RMSNorm, apply_rope, rope_inv_freq,
                                    tie_gradients)
 
@@ -38,7 +39,7 @@ def cache_attention_mask(segment_ids: Array, cached_segment_ids: Array, start: A
     return mask[None] & same
 
 
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 CUDNN_MAX_HEAD_DIM = 256  # cuDNN flash attention on Hopper; the 512-wide global heads take the XLA path
 
 
@@ -53,9 +54,23 @@ def attend(q: Array, key: Array, value: Array, mask: Array, segment_ids: Array |
     impl "cudnn": cuDNN's fused flash attention (GPU, bf16/fp16, head dim ≤ 256, self-attention with
     S = T): causal and the sliding window are cuDNN's own masks, and packed documents (segment_ids
     given; None means one document per row) enter as an additive bias built from the segment rule.
+    impl "splash": Pallas splash attention on TPU (model/splash.py; T and H multiples of 128, S = T),
+    flash-style, in a shard_map under a mesh; off TPU it runs in Pallas' interpreter (tests).
     "auto" takes cudnn where it applies (a GPU backend, head dim and dtype supported, S = T, and the KV
     heads split as the query heads do: `head_shards` ways under tensor parallelism, since cuDNN's
-    partitioner needs q, k and v sharded alike; 1 KV head over tensor=2 is replicated), xla elsewhere."""
+    partitioner needs q, k and v sharded alike; 1 KV head over tensor=2 is replicated), splash on a TPU
+    where it fits (KV heads split or repeated to the head shards), xla elsewhere."""
+    splash_ok = (splash.fits(q.shape[1], key.shape[1], q.shape[-1]) and q.shape[2] % head_shards == 0
+                 and (key.shape[2] % head_shards == 0 or head_shards % key.shape[2] == 0)
+                 and splash.covers_mesh(head_shards))
+    if impl == "splash" or (impl == "auto" and devices.platform() == "tpu" and splash_ok):
+        if not splash_ok:
+            raise ValueError(f"attention impl 'splash' needs T = S and T, H multiples of {splash.MIN_BLOCK}, and "
+                             f"KV heads {key.shape[2]} split or repeated to {head_shards} head shards, rows and heads "
+                             f"splitting every device of the mesh; got q "
+                             f"{q.shape}, key {key.shape}: use attention = 'xla' or 'auto'")
+        q, key, value = tie_gradients(q, key, value)
+        return splash.splash_attention(q, key, value, segment_ids, window, head_shards=head_shards)
     if impl == "auto":
         ok = (devices.platform() == "gpu" and q.shape[-1] <= CUDNN_MAX_HEAD_DIM and q.shape[-1] % 8 == 0
               and q.dtype in (jnp.bfloat16, jnp.float16) and key.shape[1] == q.shape[1]
@@ -69,7 +84,7 @@ def attend(q: Array, key: Array, value: Array, mask: Array, segment_ids: Array |
     if impl == "cudnn":
         return fused_sdpa(q, key, value, segment_ids, window, implementation="cudnn")
     if impl != "xla":
-        raise ValueError(f"unknown attention impl {impl!r}; use 'xla', 'cudnn' or 'auto'")
+        raise ValueError(f"unknown attention impl {impl!r}; use one of {ATTENTION_IMPLS}")
     b, t, n, h = q.shape
     k = key.shape[2]
     qg = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]

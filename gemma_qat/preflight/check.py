@@ -364,6 +364,7 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
         tensor=report.mesh["tensor"] if parallelism != "fsdp" else 1, remat=cfg.remat, chunk=cfg.distill.chunk_size,
         gathered_layer_bytes=_gathered_layer_bytes(plan.state, mesh),
         kept_weight_elements=_kept_weight_elements(plan.state),
+        flash_attention=topo.platform == "tpu" and cfg.attention in ("auto", "splash"),
         scan_stack_bytes=(2 * _scanned_layer_bytes(plan.state.params, s_cfg, policy)
                           + (_scanned_layer_bytes(plan.teacher, t_cfg, None) if t_cfg else 0)) if cfg.scan_layers else 0)
     terms, kind = preflight_memory.estimate(s_cfg, t_cfg, geometry)  # t_cfg None: no teacher forward

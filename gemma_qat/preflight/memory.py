@@ -2,7 +2,8 @@
 
 Used by the preflight when no compiler for the target platform is at hand (a CPU host without
 libtpu, any GPU target). The model is the one in model/transformer.py as written: attention
-materialises fp32 scores [B, K, G, T, S] (no flash kernel), remat wraps whole blocks, the loss runs
+materialises fp32 scores [B, K, G, T, S] (the XLA path), except where the step runs a flash kernel
+(`flash_attention`: splash on a TPU, where T and H fit it), remat wraps whole blocks, the loss runs
 over sequence chunks with remat (loss/distill.py), the teacher runs forward only.
 
 Letters: b rows per device, T seq_len, c bytes of the compute dtype, D model dim, N/K q/kv heads,
@@ -12,7 +13,7 @@ activations (1 under the `fsdp` parallelism; a dim tp does not divide stays whol
 Per layer i, everything live if nothing were rematerialised:
     A_i = 8·bTD·c                      residual stream, its norms and branch outputs
         + bT·H·(2N + 2K)/tp·c          q, k, v and attention output
-        + b·N/tp·T²·(8 + c)            fp32 scores, fp32 softmax, probabilities
+        + b·N/tp·T²·(8 + c)            fp32 scores, fp32 softmax, probabilities (0 under a flash kernel)
         + 3·bT·F/tp·c                  gate, up, gelu·up  (+ MoE: top-k routed copies, fp32 scatter)
         + 3·bT·P·c                     per-layer-embedding gate/projection
 Saved for the backward, by `remat`:
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from gemma_qat.model import splash
 from gemma_qat.model.config import ModelConfig
 
 
@@ -53,6 +55,7 @@ class StepGeometry:
     gathered_layer_bytes: int  # the largest layer's weights after the FSDP all-gather, per device
     kept_weight_elements: int = 0  # every layer's matmul weights on this device, as sharded (remat=weights)
     scan_stack_bytes: int = 0  # scan_layers: the stacked copies of the scanned layers' params (and grads)
+    flash_attention: bool = False  # splash attention on a TPU (model/splash.py): no [T, S] scores in HBM
 
 
 def _div(n: int, shards: int) -> int:
@@ -65,7 +68,8 @@ def _layer(cfg: ModelConfig, i: int, g: StepGeometry) -> tuple[int, int, int]:
     bt, d, h, p = b * t, cfg.d_model, cfg.layer_head_dim(i), cfg.ple_dim
     nq, nk = _div(cfg.num_heads, tp), _div(cfg.layer_kv_heads(i), tp)
     f = _div(cfg.layer_ffn_dim(i), tp)
-    full = (8 * bt * d * c + bt * h * (2 * nq + 2 * nk) * c + b * nq * t * t * (8 + c)
+    flash = g.flash_attention and splash.fits(t, t, h)
+    full = (8 * bt * d * c + bt * h * (2 * nq + 2 * nk) * c + (0 if flash else b * nq * t * t * (8 + c))
             + 3 * bt * f * c + 3 * bt * p * c)
     dots = bt * (h * (nq + 2 * nk) + 3 * d + 2 * f + 2 * p) * c
     if cfg.is_moe:

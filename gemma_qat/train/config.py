@@ -14,7 +14,7 @@
     [checkpoint]  where and how often, how many to keep
     [logging]     cadence, TensorBoard, peak FLOP/s for MFU
     [guard]       loss-spike guard (train/guard.py; non-finite losses always stop the run)
-    top level     run_dir, remat (none | full | dots | weights), attention (xla | cudnn | auto),
+    top level     run_dir, remat (none | full | dots | weights), attention (xla | cudnn | splash | auto),
                   scan_layers (lax.scan over the repeating layer pattern: model/scan.py)
 
 Every step count (total_steps, warmup_steps, every_steps, ...) counts train steps, i.e. batches of
@@ -162,7 +162,7 @@ class RunConfig:
     logging: LoggingSection = LoggingSection()
     guard: GuardSection = GuardSection()
     remat: str = "none"  # none | full | dots | weights (model/transformer.py REMAT_POLICIES)
-    attention: str = "auto"  # xla | cudnn | auto (model/attention.py attend; auto = cuDNN where it applies)
+    attention: str = "auto"  # xla | cudnn | splash | auto (model/attention.py attend: cuDNN on GPU, splash on TPU)
     scan_layers: bool = False  # lax.scan over the repeating layer pattern (model/scan.py): bounds compile time
 
     def __post_init__(self):
