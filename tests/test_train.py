@@ -51,7 +51,7 @@ def test_jsonl_tensorboard_and_console(run):
     assert {"train/kl", "train/grad_norm", "train/lr", "train/tokens_per_s"} <= {t for _, t, _ in scalars}
     assert lines[-1].startswith(f"step {TOTAL_STEPS}/{TOTAL_STEPS} | loss") and "ETA" in lines[-1]
     saved = json.loads((result.run_dir / "config.json").read_text())
-    assert saved["optimizer"]["total_steps"] == TOTAL_STEPS and saved["mesh"]["recipe"] == "fsdp"
+    assert saved["optimizer"]["total_steps"] == TOTAL_STEPS and saved["mesh"]["parallelism"] == "fsdp"
 
 
 class RoundWeights:
