@@ -243,9 +243,30 @@ class Module:
         return {name: visit(name) for name in self.computations}
 
 
+def _logical_lines(raw: list[str]) -> list[str]:
+    """Instruction lines joined with their continuations: a custom call's backend_config can span lines
+    (a Pallas TPU kernel's JSON does), and its unindented `}}, metadata=...` tail must not read as the end
+    of the computation. Inside a computation only `}` alone closes it and only indented lines start
+    instructions; anything else continues the line before."""
+    out: list[str] = []
+    inside = False
+    for ln in raw:
+        if not inside:
+            out.append(ln)
+            inside = ln.rstrip().endswith("{") and not ln.startswith((" ", "\t", "HloModule"))
+        elif ln.strip() == "}":
+            out.append(ln)
+            inside = False
+        elif ln.startswith((" ", "\t")) or not out:
+            out.append(ln)
+        else:
+            out[-1] += ln
+    return out
+
+
 def parse(text: str) -> Module:
     """The module in `text` (one HloModule; compiled output of `Compiled.as_text()`)."""
-    lines = text.splitlines()
+    lines = _logical_lines(text.splitlines())
     header = next((ln for ln in lines if ln.startswith("HloModule")), "")
     name = header.split()[1].rstrip(",") if header else ""
     comps: dict[str, Computation] = {}
