@@ -60,17 +60,16 @@ def attend(q: Array, key: Array, value: Array, mask: Array, segment_ids: Array |
     heads split as the query heads do: `head_shards` ways under tensor parallelism, since cuDNN's
     partitioner needs q, k and v sharded alike; 1 KV head over tensor=2 is replicated), splash on a TPU
     where it fits (KV heads split or repeated to the head shards), xla elsewhere."""
-    splash_ok = (splash.fits(q.shape[1], key.shape[1], q.shape[-1]) and q.shape[2] % head_shards == 0
-                 and (key.shape[2] % head_shards == 0 or head_shards % key.shape[2] == 0)
-                 and splash.covers_mesh(head_shards))
-    if impl == "splash" or (impl == "auto" and devices.platform() == "tpu" and splash_ok):
-        if not splash_ok:
+    if impl == "splash" or (impl == "auto" and devices.platform() == "tpu"):
+        if splash.applies(q, key, head_shards):
+            q, key, value = tie_gradients(q, key, value)
+            return splash.splash_attention(q, key, value, segment_ids, window, head_shards=head_shards)
+        if impl == "splash":
             raise ValueError(f"attention impl 'splash' needs T = S and T, H multiples of {splash.MIN_BLOCK}, and "
                              f"KV heads {key.shape[2]} split or repeated to {head_shards} head shards, rows and heads "
                              f"splitting every device of the mesh; got q "
                              f"{q.shape}, key {key.shape}: use attention = 'xla' or 'auto'")
-        q, key, value = tie_gradients(q, key, value)
-        return splash.splash_attention(q, key, value, segment_ids, window, head_shards=head_shards)
+        impl = "xla"
     if impl == "auto":
         ok = (devices.platform() == "gpu" and q.shape[-1] <= CUDNN_MAX_HEAD_DIM and q.shape[-1] % 8 == 0
               and q.dtype in (jnp.bfloat16, jnp.float16) and key.shape[1] == q.shape[1]

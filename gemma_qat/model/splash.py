@@ -33,6 +33,15 @@ def fits(t: int, s: int, h: int) -> bool:
     return t == s and t % MIN_BLOCK == 0 and h % MIN_BLOCK == 0
 
 
+def applies(q: Array, key: Array, head_shards: int) -> bool:
+    """Whether `splash_attention` takes q [B, T, N, H] and key [B, S, K, H] split `head_shards` ways: the
+    shapes fit, the query heads split, the KV heads split or repeat to the shards, and rows × heads
+    cover the active mesh (see `covers_mesh`)."""
+    n, k = q.shape[2], key.shape[2]
+    return (fits(q.shape[1], key.shape[1], q.shape[-1]) and n % head_shards == 0
+            and (k % head_shards == 0 or head_shards % k == 0) and covers_mesh(head_shards))
+
+
 def _blocks(t: int) -> sa.BlockSizes:
     b = math.gcd(t, BLOCK)
     return sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
@@ -71,7 +80,7 @@ def splash_attention(q: Array, key: Array, value: Array, segment_ids: Array | No
     so each device's query heads find their KV head locally; its gradient sums the copies back."""
     k = key.shape[2]
     if head_shards > 1 and k % head_shards:
-        rep = head_shards // k  # attend() checks head_shards % k == 0
+        rep = head_shards // k  # `applies` checks head_shards % k == 0
         key, value = (a.repeat(rep, axis=2) for a in (key, value))
     if devices.active_mesh_devices() == 1:
         return _local(q, key, value, segment_ids, window)
