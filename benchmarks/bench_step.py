@@ -7,6 +7,8 @@ training, QAT without a teacher and QAT with an online BF16 teacher, on identica
     python benchmarks/bench_step.py --modes qat+teacher --profile /tmp/prof   # + per-kernel breakdown
     python benchmarks/bench_step.py --modes qat+teacher --pipeline   # the training pipeline's own step
     python benchmarks/bench_step.py --modes qat+teacher --pipeline --scan-layers   # scanned layers
+    python benchmarks/bench_step.py --modes qat+teacher --backend aqt            # the fake-quant through AQT
+    python benchmarks/bench_step.py --config e2b --recipe mobile --remat weights  # E2B's mobile recipe
 
 Each mode runs in its own process so peak memory is per mode. MFU follows shared/bench/README.md:
 (6·N + attention) per token for the student, plus (2·N + attention/3) for an online teacher,
@@ -38,7 +40,7 @@ from gemma_qat.model.grouped_matmul import GROUPED_IMPLS
 from gemma_qat.model.params import init_params
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.preflight.report import cost_stats
-from gemma_qat.quant.policy import RecipePolicy
+from gemma_qat.quant.policy import BACKENDS, RecipePolicy
 from gemma_qat.quant.q4_0_kernel import IMPLS as Q4_0_IMPLS
 from gemma_qat.quant.recipe import resolve_recipe
 from gemma_qat.train.config import DistillSection, OptimizerSection
@@ -126,7 +128,8 @@ def _pipeline_step(args, cfg, mode, student, teacher, params, tokens, labels):
 def run_mode(args) -> dict:
     cfg = bench_config(args.config)
     mode = args.mode
-    quant = RecipePolicy(resolve_recipe("q4_0", cfg), q4_0_impl=args.q4_0_impl) if "qat" in mode else None
+    quant = (RecipePolicy(resolve_recipe(args.recipe, cfg), q4_0_impl=args.q4_0_impl, backend=args.backend)
+             if "qat" in mode else None)
     kw = dict(dtype=jnp.bfloat16, remat=args.remat, attention=args.attention, grouped=args.grouped,
               scan_layers=args.scan_layers)
     student = Transformer(cfg, **({"quant": quant} if quant else {}), **kw)
@@ -164,7 +167,8 @@ def run_mode(args) -> dict:
     tok_s = b * t / dt
     stats = jax.devices()[0].memory_stats() or {}
     return {"config": cfg.name, "mode": mode, "batch": b, "seq": t, "remat": args.remat, "attention": args.attention,
-            "grouped": args.grouped, "q4_0_impl": args.q4_0_impl, "loss_impl": args.loss_impl, "pipeline": args.pipeline,
+            "grouped": args.grouped, "q4_0_impl": args.q4_0_impl,
+            "recipe": args.recipe, "backend": args.backend, "loss_impl": args.loss_impl, "pipeline": args.pipeline,
             "freeze_embeddings": args.freeze_embeddings, "step_s": dt, "tokens_per_s": tok_s,
             "mfu": tok_s * flops_per_token(cfg, t, "teacher" in mode) / args.peak,
             "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "compile_s": compile_s,
@@ -187,6 +191,9 @@ def main():
     ap.add_argument("--grouped", default="auto", choices=list(GROUPED_IMPLS), help="MoE grouped matmul")
     ap.add_argument("--q4-0-impl", default="auto", choices=list(Q4_0_IMPLS),
                     help="Q4_0 fake-quant: XLA, the one-pass Pallas kernel, or auto (the kernel on one GPU)")
+    ap.add_argument("--recipe", default="q4_0", help="the student's recipe (q4_0; mobile for E-type configs)")
+    ap.add_argument("--backend", default="formats", choices=list(BACKENDS),
+                    help="who computes the fake-quant (quant.backend): formats.py / the kernel, or AQT")
     ap.add_argument("--loss-impl", default="auto", choices=list(LOSS_IMPLS),
                     help="the loss's vocabulary passes: XLA, the two Pallas kernels, or auto (the kernels on one GPU)")
     ap.add_argument("--scan-layers", action="store_true", help="lax.scan over the layer pattern (model/scan.py)")
@@ -212,7 +219,8 @@ def main():
         cmd = [sys.executable, __file__, "--mode", mode, "--config", args.config, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--chunk", str(args.chunk),
                "--remat", args.remat, "--peak", str(args.peak), "--attention", args.attention, "--grouped", args.grouped,
-               "--q4-0-impl", args.q4_0_impl, "--loss-impl", args.loss_impl] + ["--pipeline"] * args.pipeline
+               "--q4-0-impl", args.q4_0_impl, "--loss-impl", args.loss_impl,
+               "--recipe", args.recipe, "--backend", args.backend] + ["--pipeline"] * args.pipeline
         cmd += ["--scan-layers"] * args.scan_layers + ["--untie"] * args.untie
         cmd += ["--freeze-embeddings"] * args.freeze_embeddings + (["--profile", args.profile] if args.profile else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
@@ -226,7 +234,7 @@ def main():
         r = rows[-1]
         print(f"{r['config']:12s} {mode:12s} step {r['step_s']*1e3:8.1f} ms  {r['tokens_per_s']:9.0f} tok/s  "
               f"MFU {100*r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  compile {r['compile_s']:.0f}s  "
-              f"attention {args.attention}  remat {args.remat}  q4_0 {args.q4_0_impl}  loss {args.loss_impl}"
+              f"attention {args.attention}  remat {args.remat}  {args.recipe} {args.backend} q4_0 {args.q4_0_impl}  loss {args.loss_impl}"
               + ("  pipeline step" if args.pipeline else "") + ("  scan" if args.scan_layers else "") + ("  untied" if args.untie else ""), flush=True)
     print("JSON " + json.dumps(rows))
 

@@ -72,6 +72,9 @@ def run_case(preset: str, topology: str | None, overrides: list[str], timeout: i
     except json.JSONDecodeError:
         lines = [l for l in out.stderr.strip().splitlines() if l.strip() and "frozen runpy" not in l]
         row["error"] = (lines or ["no output"])[-1][:400]
+        if out.returncode < 0:  # a signal: SIGKILL with nothing on stderr is most often the kernel's OOM killer
+            oom = " (out of host memory? a full-size compile holds 10-15 GiB: run fewer at once)" if out.returncode == -9 else ""
+            row["error"] = f"killed by signal {-out.returncode}{oom}; last stderr: {row['error']}"
         row["stderr_tail"] = out.stderr[-4000:]
     return row
 

@@ -170,7 +170,7 @@ def test_cli_train_rejects_non_finite_floats_in_one_line(capsys, tmp_path, overr
 @pytest.mark.parametrize("override,choices", [
     ("quant.recipe=q4_O", "'q4_0', 'mobile', 'mobile-e2b', 'mobile-e4b']"),  # after 'none' and registered names
     ("quant.q4_0_impl=triton", "['auto', 'xla', 'pallas']"),
-    ("quant.backend=torchao", "['formats', 'aqt']"),
+    ("quant.backend=torchao", "['auto', 'formats', 'aqt']"),
     ("distill.loss_impl=cuda", "['auto', 'xla', 'pallas']"),
     ("attention=flash", "['xla', 'cudnn', 'splash', 'auto']"),
     ("remat=some", "['none', 'full', 'dots', 'weights']"),

@@ -4,7 +4,8 @@
 2. a tiny-e2b BF16-role teacher trained from scratch (next-token cross-entropy)
 3. a Q4_0 student QAT-distilled from it (KL to the frozen teacher, fake-quant + STE)
 4. a mobile student QAT-distilled the same way (int4/int2 weights, static int8 activations), its
-   fake-quant computed by AQT (quant.backend = "aqt"; the same bits as the formats backend)
+   fake-quant computed by AQT (the default quant.backend = "auto" picks AQT for a recipe without Q4_0
+   weights, formats.py and its GPU kernel for Q4_0: quant/policy.py choose_backend; the same bits)
 5. the PTQ baseline: the teacher quantized directly with the q4_0 recipe
 6. exports: Q4_0 Orbax and GGUF (llama.cpp) of the Q4_0 student; mobile of the mobile student and of
    the teacher PTQ'd with the mobile recipe (calibrated static activation scales), its baseline
@@ -66,13 +67,11 @@ def _train(work: Path, stage: str, overrides: list[str]) -> Path:
     return work / stage / FINAL_MODEL_DIR
 
 
-def _distill(work: Path, stage: str, recipe: str, teacher_dir: Path, data_dir: Path, tokenizer: Path, *, seed: int,
-             backend: str = "formats"):
-    """A QAT student of `recipe` KL-distilled from the frozen teacher on the teacher's own training text;
-    `backend` computes its fake-quant (quant.backend: the same bits either way)."""
+def _distill(work: Path, stage: str, recipe: str, teacher_dir: Path, data_dir: Path, tokenizer: Path, *, seed: int):
+    """A QAT student of `recipe` KL-distilled from the frozen teacher on the teacher's own training text,
+    its fake-quant computed by the default backend (quant.backend = auto)."""
     _train(work, stage, [
         f"model.name={teacher_dir}", f"teacher.checkpoint={teacher_dir}", f"quant.recipe={recipe}",
-        f"quant.backend={backend}",
         f"data.spec=jsonl:{data_dir / 'train.jsonl'}", f"data.tokenizer={tokenizer}", f"data.seed={seed}",
         "distill.alpha=0.0", "optimizer.lr=1e-4", f"optimizer.warmup_steps={min(10, QAT_STEPS // 4)}",
         f"optimizer.total_steps={QAT_STEPS}"])
@@ -109,7 +108,7 @@ def run_demo(work: Path, *, fresh: bool = False) -> int:
     s = _Stage(3, f"QAT: mobile student (int4/int2 weights, int8 activations) distilled through AQT "
                   f"({QAT_STEPS} steps)", mobile_dir)
     if not s.done:
-        _distill(work, "qat-mobile", "mobile", teacher_dir, data_dir, tokenizer, seed=2, backend="aqt")
+        _distill(work, "qat-mobile", "mobile", teacher_dir, data_dir, tokenizer, seed=2)
     s.finish()
 
     config, teacher_params = load_model(teacher_dir)

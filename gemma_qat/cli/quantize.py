@@ -1,4 +1,4 @@
-"""`gemma-qat quantize --checkpoint DIR --recipe NAME --out DIR [--backend formats|aqt] [--force]`:
+"""`gemma-qat quantize --checkpoint DIR --recipe NAME --out DIR [--backend auto|formats|aqt] [--force]`:
 post-training quantization of a float checkpoint (quant/ptq.py), the baseline QAT is measured against."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ def register(subparsers) -> None:
     s.add_argument("--recipe", required=True, help="q4_0, mobile, mobile-e2b or mobile-e4b")
     s.add_argument("--out", required=True)
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
-    s.add_argument("--backend", choices=("formats", "aqt"), default="formats",
-                   help="who computes the fake-quant: formats.py or AQT (aqtp); the same bytes either way")
+    s.add_argument("--backend", choices=("auto", "formats", "aqt"), default="auto",
+                   help="who computes the fake-quant: formats.py, AQT (aqtp), or auto (AQT where the recipe "
+                        "has no Q4_0 weight: quant/policy.py choose_backend); the same bytes either way")
     s.set_defaults(fn=run)
 
 

@@ -31,21 +31,37 @@ def weight_axes(fmt: str, in_axes: tuple[int, ...]):
     return in_axes[-1] if fmt == "q4_0" else in_axes
 
 
-BACKENDS = ("formats", "aqt")
+BACKENDS = ("auto", "formats", "aqt")
+
+
+def choose_backend(backend: str, resolution: Resolution) -> str:
+    """`quant.backend = auto` in one rule: formats for a recipe with any Q4_0 weight, AQT otherwise.
+
+    Both backends give the same bits (tests/test_quant_backend.py), so only speed decides. Measured on one
+    H200 (BENCHMARKS.md, "Quantization backends"), QAT + teacher steps: Q4_0 through AQT cost +2.0% on
+    bench-1b against formats' own XLA path and +3.1% on E2B against the one-pass kernel (AQT calibrates,
+    quantizes and dequantizes a tiled weight in separate passes: +3% bytes accessed), while E2B's mobile
+    recipe (per-channel int2/int4/int8, no kernel) ran 1.2% faster through AQT. An explicit `formats` or
+    `aqt` is kept as given."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown quantization backend {backend!r}; choose one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    return "formats" if "q4_0" in set(resolution.formats.values()) else "aqt"
 
 
 class RecipePolicy:
     """Applies a Resolution. `calibrating=True` records activation absmax instead of quantizing.
     `backend="aqt"` computes the weight fake-quant through AQT (aqt_backend.py), which reproduces
-    formats.py bit for bit; the default calls formats.py directly (fewer layers, same numbers).
+    formats.py bit for bit; "formats" calls formats.py directly (fewer layers, same numbers); "auto" (the
+    default) picks one by `choose_backend`'s rule, and `self.backend` is the one picked.
     `q4_0_impl` (formats backend): "xla" runs formats.py's Q4_0 under XLA, "pallas" the one-pass kernel
     of q4_0_kernel.py (same bits), "auto" the kernel on one NVIDIA GPU where the shape allows. The kernel
     writes the weight in the calling module's compute dtype, which the module casts to anyway."""
 
-    def __init__(self, resolution: Resolution, *, calibrating: bool = False, backend: str = "formats",
+    def __init__(self, resolution: Resolution, *, calibrating: bool = False, backend: str = "auto",
                  static_scales: dict | None = None, q4_0_impl: str = "auto"):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown quantization backend {backend!r}; choose one of {BACKENDS}")
+        backend = choose_backend(backend, resolution)
         if q4_0_impl not in q4_0_kernel.IMPLS:
             raise ValueError(f"unknown Q4_0 implementation {q4_0_impl!r}; choose one of {q4_0_kernel.IMPLS}")
         self.q4_0_impl = q4_0_impl

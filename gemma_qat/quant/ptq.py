@@ -11,7 +11,7 @@ from flax import traverse_util
 
 from gemma_qat.model.config import ModelConfig
 from gemma_qat.quant import formats
-from gemma_qat.quant.policy import weight_axes, weight_in_axes
+from gemma_qat.quant.policy import choose_backend, weight_axes, weight_in_axes
 from gemma_qat.quant.recipe import Resolution
 
 
@@ -25,8 +25,9 @@ def _fake_quant(w, fmt: str, axes, backend: str = "formats"):
     return formats.get_format(fmt).fake_quant(w, axes)
 
 
-def dequantized_params(config: ModelConfig, params: dict, resolution: Resolution, backend: str = "formats") -> dict:
-    """backend: "formats" or "aqt" (quant/policy.py BACKENDS); the same bytes either way."""
+def dequantized_params(config: ModelConfig, params: dict, resolution: Resolution, backend: str = "auto") -> dict:
+    """backend: "auto", "formats" or "aqt" (quant/policy.py BACKENDS, choose_backend); the same bytes either way."""
+    backend = choose_backend(backend, resolution)
     axes = weight_in_axes(config)
     flat = traverse_util.flatten_dict(params)
     out = {}

@@ -8,7 +8,7 @@
     [distill]     temperature / alpha and their schedules, loss chunk size, loss_impl (xla | pallas | auto)
     [quant]       student quantization recipe name (`none` = float student, a preset of quant/recipe.py,
                   or a name registered with train/policy.py); q4_0_impl (xla | pallas | auto);
-                  backend (formats | aqt: who computes the fake-quant, same bits)
+                  backend (auto | formats | aqt: who computes the fake-quant, same bits)
     [mesh]        sharding.MeshConfig fields (data, fsdp, tensor, expert, parallelism: the sharding
                   rules fsdp | fsdp_tp | fsdp_tp_ep; formerly `recipe`)
     [checkpoint]  where and how often, how many to keep
@@ -116,9 +116,10 @@ class DistillSection:
 class QuantSection:
     recipe: str = "none"  # resolved by train/policy.py (registry, then gemma_qat.quant.recipe)
     q4_0_impl: str = "auto"  # xla | pallas | auto (quant/q4_0_kernel.py: the one-pass kernel on one GPU)
-    # formats | aqt: who computes the weight fake-quant (quant/policy.py); the same bits either way,
-    # so checkpoints and exports do not depend on it. q4_0_impl applies to the formats backend.
-    backend: str = "formats"
+    # auto | formats | aqt: who computes the weight fake-quant (quant/policy.py; auto: choose_backend's
+    # measured rule); the same bits either way, so checkpoints and exports do not depend on it.
+    # q4_0_impl applies to the formats backend.
+    backend: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,13 +38,13 @@ def is_known(name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def recipe_policy(name: str, config: ModelConfig, q4_0_impl: str = "auto", backend: str = "formats") -> RecipePolicy:
+def recipe_policy(name: str, config: ModelConfig, q4_0_impl: str = "auto", backend: str = "auto") -> RecipePolicy:
     """A preset recipe resolved for `config` (cached: the same policy object keeps compiled steps).
-    backend: "formats" or "aqt" (quant/policy.py BACKENDS), the fake-quant's implementation."""
+    backend: "auto", "formats" or "aqt" (quant/policy.py BACKENDS), the fake-quant's implementation."""
     return RecipePolicy(resolve_recipe(name, config), q4_0_impl=q4_0_impl, backend=backend)
 
 
-def resolve_policy(name: str, config: ModelConfig, q4_0_impl: str = "auto", backend: str = "formats") -> QuantPolicy:
+def resolve_policy(name: str, config: ModelConfig, q4_0_impl: str = "auto", backend: str = "auto") -> QuantPolicy:
     if name in _REGISTRY:
         return _REGISTRY[name](config)
     return recipe_policy(name, config, q4_0_impl, backend)
