@@ -16,6 +16,7 @@ from gemma_qat.data.packing import pack_documents, stack_rows
 from gemma_qat.eval import candidates as C
 from gemma_qat.eval.generate import filter_logits, generate
 from gemma_qat.eval.metrics import add_recovery, evaluate, layer_errors, quant_errors, recovery_ratio
+from gemma_qat.eval import report as R
 from gemma_qat.eval.report import write_report
 from gemma_qat.export.orbax_q4_0 import export_q4_0
 from gemma_qat.model.checkpoint import CheckpointMeta, save_model
@@ -193,9 +194,16 @@ def test_quant_errors_and_report_folder(tmp_path):
     assert [g["group"] for g in layer_errors(errors)] == [f"layer_{i}" for i in range(cfg.num_layers)]
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / s, "kl": 0.5 / s}) + "\n"
-                                               for s in range(1, 6)))
-    out = write_report(tmp_path / "report", results, quant_errors=errors, curves={"qat": run}, quant_label="q4_0")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / s, "kl": 0.5 / s, "top1_agree": 0.9})
+                                               + "\n" for s in range(1, 6)))
+    teacher_run = tmp_path / "teacher-run"  # trained on CE alone: kl and agreement logged as 0
+    teacher_run.mkdir()
+    (teacher_run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5 / s, "ce": 5 / s, "kl": 0.0})
+                                                       + "\n" for s in range(1, 6)))
+    curves = {"qat-student": run, "teacher": teacher_run}
+    rows = {r["name"]: r for r in results["rows"]}
+    assert R.curve_baselines(results, list(curves)) == {"qat-student": ("ptq-q4_0", rows["ptq-q4_0"]["kl_mean"])}
+    out = write_report(tmp_path / "report", results, quant_errors=errors, curves=curves, quant_label="q4_0")
     md = (out / "report.md").read_text()
     for name in ("teacher", "ptq-q4_0", "qat-student"):
         assert f"| {name} |" in md

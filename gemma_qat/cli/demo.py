@@ -156,7 +156,8 @@ def _evaluate(work: Path, report: Path, tokenizer: Path, valid: Path) -> None:
     results, _ = compare(
         str(work / "teacher" / FINAL_MODEL_DIR), {name: str(path) for name, path in candidates.items()},
         data=f"jsonl:{valid}", tokenizer=str(tokenizer), recipe="q4_0", ptq=True, seq_len=128, batch_size=8,
-        batches=16, report=str(report), curves={"teacher": str(work / "teacher"), "qat-q4_0": str(work / "qat")},
+        batches=16, report=str(report), curves={"teacher": str(work / "teacher"), "qat-q4_0": str(work / "qat"),
+                                       "mobile-qat": str(work / "qat-mobile")},
         progress=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(results))
     print(f"report → {report}/report.md")

@@ -5,7 +5,8 @@ works on headless machines).
   report.md              metrics table per candidate, the recovery statement in words, top-10 tensors
   ptq_vs_qat.png         perplexity and KL(teacher‖candidate) bars per candidate (KL with ±1 std error)
   quant_error_layers.png relative quantization error per layer of the recipe on the teacher weights
-  training_curves.png    loss and KL vs step from <run_dir>/metrics.jsonl files (when given)
+  training_curves.png    from <run_dir>/metrics.jsonl files (when given): each student's KL to the teacher
+                         (log) beside its PTQ baseline, top-1 agreement; CE of runs without a teacher
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def write_report(out_dir, results: dict, *, quant_errors: list[dict] | None = No
     if layers:
         plots.append(_plot_layers(plt, layers, out / "quant_error_layers.png", quant_label))
     if curve_data:
-        plots.append(_plot_curves(plt, curve_data, out / "training_curves.png"))
+        plots.append(_plot_curves(plt, curve_data, out / "training_curves.png",
+                                  curve_baselines(results, list(curve_data))))
     payload = {**results, "quant_errors": quant_errors or [], "quant_label": quant_label, "layer_errors": layers,
                "curves": {k: str(v) for k, v in (curves or {}).items()}, "plots": plots}
     (out / "results.json").write_text(json.dumps(payload, indent=1, default=_json_default))
@@ -161,18 +163,48 @@ def _plot_layers(plt, layers: list[dict], path: Path, label: str) -> str:
     return path.name
 
 
-def _plot_curves(plt, data: dict[str, list[dict]], path: Path) -> str:
-    keys = [k for k in ("loss", "kl", "ce", "top1_agree") if any(k in r for recs in data.values() for r in recs)]
-    keys = keys or ["loss"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for label, recs in data.items():
-            pts = [(r["step"], r[key]) for r in recs if key in r and "step" in r and math.isfinite(r[key])]
-            if pts:
-                ax.plot(*zip(*pts), label=label)
+def curve_baselines(results: dict, labels: list[str]) -> dict[str, tuple[str, float]]:
+    """A curve labelled like a result row gets that row's PTQ baseline: label -> (PTQ row, its mean KL)."""
+    rows = {r["name"]: r for r in results.get("rows", [])}
+    vs = {label: rows[label].get("recovery_vs") for label in labels if label in rows}
+    return {label: (ptq, rows[ptq]["kl_mean"]) for label, ptq in vs.items() if ptq in rows}
+
+
+def _series(recs: list[dict], key: str) -> list[tuple]:
+    return [(r["step"], r[key]) for r in recs if key in r and "step" in r and math.isfinite(r[key])]
+
+
+def _plot_curves(plt, data: dict[str, list[dict]], path: Path, baselines: dict[str, tuple[str, float]]) -> str:
+    """Students (runs that distil: some kl > 0) get their KL to the teacher on a log axis, each with its
+    PTQ baseline's held-out KL as a dashed line of the same colour (`baselines`: label -> (row, kl)),
+    and their top-1 agreement; runs trained on cross-entropy alone (the teacher) get their own CE panel."""
+    students = {k: v for k, v in data.items() if any(r.get("kl", 0) > 0 for r in v)}
+    ce_runs = {k: v for k, v in data.items() if k not in students}
+    panels = (["ce"] if ce_runs else []) + (["kl", "top1_agree"] if students else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "ce":
+            for label, recs in ce_runs.items():
+                pts = _series(recs, "ce") or _series(recs, "loss")
+                if pts:
+                    ax.plot(*zip(*pts), label=label)
+            ax.set_title("cross-entropy (trained without a teacher)")
+        else:
+            for label, recs in students.items():
+                pts = _series(recs, panel)
+                if not pts:
+                    continue
+                line, = ax.plot(*zip(*pts), label=label)
+                if panel == "kl" and label in baselines and baselines[label][1] > 0:
+                    row, kl = baselines[label]
+                    ax.axhline(kl, ls="--", lw=1, color=line.get_color(), label=f"{row} (held-out)")
+            if panel == "kl":
+                ax.set_yscale("log")
+                ax.set_title("KL to the teacher (nats per token)")
+            else:
+                ax.set_title("top-1 agreement with the teacher")
         ax.set_xlabel("step")
-        ax.set_title(key)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
