@@ -166,7 +166,8 @@ def _plot_layers(plt, layers: list[dict], path: Path, label: str) -> str:
 def curve_baselines(results: dict, labels: list[str]) -> dict[str, tuple[str, float]]:
     """A curve labelled like a result row gets that row's PTQ baseline: label -> (PTQ row, its mean KL)."""
     rows = {r["name"]: r for r in results.get("rows", [])}
-    vs = {label: rows[label].get("recovery_vs") for label in labels if label in rows}
+    vs = {label: rows[label].get("recovery_vs") for label in labels
+          if label in rows and label != results.get("reference") and rows[label]["kind"] != "ptq"}
     return {label: (ptq, rows[ptq]["kl_mean"]) for label, ptq in vs.items() if ptq in rows}
 
 
