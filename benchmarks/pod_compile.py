@@ -5,6 +5,7 @@ communication counted from the compiled program, and the step-time prediction.
     python benchmarks/pod_compile.py --out runs/pod                              # the TPU matrix (libtpu)
     python benchmarks/pod_compile.py --gpu --out $OUT                            # on a GPU host: 8xH200, 8xH100, 4x8xH100
     python benchmarks/pod_compile.py --case e2b-q4_0:v5p-16 --case 31b-q4_0:4x8xH100 mesh.fsdp=32
+    python benchmarks/pod_compile.py --render runs/*/pod.jsonl                   # launch/README.md's matrix rows
 
 Each case runs `gemma-qat preflight --json` in its own process (a time limit each, memory returned),
 so one slow or failing compile does not stop the others. Rows go to OUT/pod.jsonl as they finish and
@@ -108,6 +109,40 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _mesh_words(mesh: dict) -> str:
+    return " × ".join(f"{k} {v}" for k, v in mesh.items() if v > 1) or "one device"
+
+
+def matrix_rows(rows: list[dict]) -> str:
+    """launch/README.md's matrix: one line per compiled case, GiB per chip, the prediction's two bounds."""
+    head = ("| preset | topology (mesh) | compile | exact rows | estimate | compiled args / temp / peak | "
+            "estimate ÷ compiled | fits (usable), margin | comm per step per chip | step (hidden … exposed), MFU, bound |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in rows:
+        r = row.get("report")
+        if r is None:
+            out.append(f"| {row['preset']} | {row['topology']} | {row.get('error', '')} | | | | | | | |")
+            continue
+        rows_b = {m["what"]: m["bytes"] for m in r["memory_per_device"]}
+        exact = sum(b for w, b in rows_b.items() if w != "activations + temporaries")
+        estimate = exact + rows_b.get("activations + temporaries", 0)
+        c, t, p = r.get("compiled") or {}, r["topology"], r.get("prediction") or {}
+        col = r.get("collectives") or {}
+        inter = (col.get("links") or {}).get("inter_host")
+        comm = "–" if col.get("bytes") is None else f"{col['bytes'] / 1e9:.1f} GB" + (
+            f" ({inter / 1e9:.1f} between hosts)" if inter and t["platform"] == "gpu" and t["hosts"] > 1 else "")
+        usable = t["usable_bytes"] / GIB
+        margin = f"+{100 * r['margin_bytes'] / t['usable_bytes']:.0f}%" if r.get("margin_bytes") is not None else ""
+        pred = (f"{p['step_s_overlapped']:.2f} … {p['step_s_serial']:.2f} s, {100 * p['mfu_overlapped']:.1f} … "
+                f"{100 * p['mfu_serial']:.1f}%, {p['bottleneck']}") if p else "–"
+        ratio = f"{estimate / c['peak']:.2f}" if c.get("peak") else "–"
+        out.append(f"| {row['preset']} | {t['name']} ({_mesh_words(r['mesh'])}) | {r.get('compile_seconds') or 0:.0f} s | "
+                   f"{exact / GIB:.1f} | {estimate / GIB:.1f} | {_mib_or_gib(c.get('argument_size'))} / "
+                   f"{_mib_or_gib(c.get('temp_size'))} / {_mib_or_gib(c.get('peak'))} | {ratio} | "
+                   f"{'yes' if r['fits'] else 'NO'} ({usable:.1f}), {margin} | {comm} | {pred} |")
+    return "\n".join(out)
+
+
 def depth_scaling(preset: str, topology: str, depths: list[int], overrides: list[str]) -> list[dict]:
     """Compile time against depth: the preset's model truncated to each depth (same layer pattern and
     widths; E-types keep their KV-shared fraction), compiled in this process for `topology`."""
@@ -139,15 +174,22 @@ def depth_scaling(preset: str, topology: str, depths: list[int], overrides: list
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="folder for pod.jsonl / pod.md / hlo (required unless --render)")
     ap.add_argument("--gpu", action="store_true", help="the GPU-cluster matrix (run on a GPU host)")
     ap.add_argument("--presets", action="store_true", help="each preset at its own topology")
     ap.add_argument("--case", action="append", nargs="+", metavar="PRESET:TOPOLOGY [key=value ...]",
                     help="one case (repeatable); overrides follow it")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per case")
     ap.add_argument("--hlo", action="store_true", help="keep each compiled step's HLO under OUT/hlo/")
+    ap.add_argument("--render", nargs="+", metavar="POD_JSONL",
+                    help="print launch/README.md's matrix rows from earlier runs' pod.jsonl files, and stop")
     ap.add_argument("--depths", help="compile time against depth for the one --case given, e.g. 6,12,24")
     args = ap.parse_args()
+    if args.render:
+        print(matrix_rows([json.loads(l) for f in args.render for l in Path(f).read_text().splitlines() if l.strip()]))
+        return
+    if not args.out:
+        ap.error("--out is required")
     if args.depths:
         (preset, topology), overrides = args.case[0][0].split(":"), args.case[0][1:]
         rows = depth_scaling(preset, topology, [int(d) for d in args.depths.split(",")], overrides)
