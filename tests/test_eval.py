@@ -73,7 +73,8 @@ def _torch_reference(t_logits, c_logits, batches):
         agree.append((c.argmax(-1) == t.argmax(-1)).double()[m])
     kl, ce, agree = torch.cat(kl), torch.cat(ce), torch.cat(agree)
     return {"ppl": float(ce.mean().exp()), "kl_mean": float(kl.mean()), "kl_std": float(kl.std()),
-            "kl_sem": float(kl.std() / kl.numel() ** 0.5), "top1": float(agree.mean()), "tokens": kl.numel()}
+            "kl_sem": float(kl.std() / kl.numel() ** 0.5), "top1": float(agree.mean()), "tokens": kl.numel(),
+            "kl_p99": float(torch.quantile(kl, 0.99)), "kl_p999": float(torch.quantile(kl, 0.999))}
 
 
 def _full_logits(cfg, params, batches, quant=None):
@@ -94,6 +95,9 @@ def test_metrics_match_independent_torch_computation():
     assert res["tokens"] == ref["tokens"] == sum(int(b["loss_mask"].sum()) for b in batches)
     for k in ("ppl", "kl_mean", "kl_std", "kl_sem", "top1"):
         np.testing.assert_allclose(rows["noisy"][k], ref[k], rtol=2e-5, err_msg=k)
+    for k in ("kl_p99", "kl_p999"):  # per-token values in fp32 against fp64: the tail within 1e-4
+        np.testing.assert_allclose(rows["noisy"][k], ref[k], rtol=1e-4, err_msg=k)
+    assert rows["noisy"]["kl_p999"] >= rows["noisy"]["kl_p99"] > rows["noisy"]["kl_mean"]
     assert 0.05 < rows["noisy"]["kl_mean"] and rows["noisy"]["top1"] < 1  # a real difference was measured
     self_ref = _torch_reference(lt, lt, batches)
     np.testing.assert_allclose(rows["teacher"]["ppl"], self_ref["ppl"], rtol=2e-5)

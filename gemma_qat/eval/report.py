@@ -66,12 +66,12 @@ def recovery_sentences(results: dict) -> list[str]:
 
 def format_table(results: dict) -> str:
     """The results as a console table (one row per candidate) and the recovery sentences."""
-    lines = [f"{'candidate':16s} {'kind':7s} {'PPL':>10s} {'KL mean':>10s} {'± s.e.':>9s} {'top-1':>7s} "
-             f"{'recovery':>9s}"]
+    lines = [f"{'candidate':16s} {'kind':7s} {'PPL':>10s} {'KL mean':>10s} {'± s.e.':>9s} {'KL p99':>9s} "
+             f"{'top-1':>7s} {'recovery':>9s}"]
     for r in results["rows"]:
         rec = "—" if r["recovery"] is None else f"{100 * r['recovery']:.1f}%"
         lines.append(f"{r['name']:16s} {r['kind']:7s} {r['ppl']:10.4f} {r['kl_mean']:10.4g} {r['kl_sem']:9.2g} "
-                     f"{100 * r['top1']:6.2f}% {rec:>9s}")
+                     f"{_fmt(r.get('kl_p99'), '9.3g')} {100 * r['top1']:6.2f}% {rec:>9s}")
     lines += [line.replace("`", "") for line in recovery_sentences(results)]
     return "\n".join(lines)
 
@@ -81,12 +81,13 @@ def _markdown(results: dict, errors: list[dict] | None, plots: list[str], title:
           f"Reference: `{results['reference']}` · {results['tokens']:,d} scored tokens in {results['batches']} "
           "batches. KL is KL(teacher ‖ candidate) per token (nats); ± is the standard error over tokens "
           "(a lower bound: tokens of a document are correlated).", "",
-          "| candidate | kind | recipe | PPL | NLL | KL mean ± s.e. | KL std | top-1 agree | recovery |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| candidate | kind | recipe | PPL | NLL | KL mean ± s.e. | KL std | KL p99 / p99.9 | top-1 agree | recovery |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         rec = "—" if r["recovery"] is None else f"{100 * r['recovery']:.1f}%"
         md.append(f"| {r['name']} | {r['kind']} | {r['recipe'] or '—'} | {r['ppl']:.4f} | {r['nll']:.4f} | "
-                  f"{r['kl_mean']:.4g} ± {r['kl_sem']:.2g} | {r['kl_std']:.4g} | {100 * r['top1']:.2f}% | {rec} |")
+                  f"{r['kl_mean']:.4g} ± {r['kl_sem']:.2g} | {r['kl_std']:.4g} | {_fmt(r.get('kl_p99'))} / "
+                  f"{_fmt(r.get('kl_p999'))} | {100 * r['top1']:.2f}% | {rec} |")
     md += ["", "## Recovery of the PTQ gap", "",
            "recovery = (PPL_PTQ − PPL_candidate) / (PPL_PTQ − PPL_teacher): 100% = as good as the teacher, "
            "0% = no better than PTQ.", ""]
