@@ -32,6 +32,29 @@ TEACHER_STEPS, QAT_STEPS = 400, 200
 STAGES = 7
 
 
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """The sizes of the chain's stages. The demo runs the defaults on a CPU; the fidelity benchmark
+    (benchmarks/fidelity.py) runs the same chain with a larger model and corpus on a GPU. None = the
+    module's TEACHER_STEPS / QAT_STEPS."""
+    teacher_steps: int | None = None
+    qat_steps: int | None = None
+    qat_lr: float = 1e-4
+    overrides: tuple[str, ...] = ()  # for every training stage: model, data, batch, dtypes
+    eval_seq: int = 128
+    eval_batch: int = 8
+    eval_batches: int = 16
+    calib_batches: int = 4  # of eval_batch × eval_seq tokens, for the mobile PTQ baseline's activation scales
+
+    @property
+    def teacher(self) -> int:
+        return TEACHER_STEPS if self.teacher_steps is None else self.teacher_steps
+
+    @property
+    def qat(self) -> int:
+        return QAT_STEPS if self.qat_steps is None else self.qat_steps
+
+
 def register(subparsers) -> None:
     s = subparsers.add_parser("demo", help="the embedded default: runs on CPU with no downloads")
     s.add_argument("--workdir", default="runs/demo")
@@ -44,40 +67,47 @@ def run(args) -> int:
 
 
 class _Stage:
-    """Prints a numbered heading and the elapsed time; `done` tells whether to skip."""
+    """Prints a numbered heading and the elapsed time; `done` tells whether to skip. A stage that ran
+    records its seconds under `key` in work/stages.json."""
 
-    def __init__(self, n: int, title: str, output: Path):
-        self.output, self.t0 = output, time.perf_counter()
+    def __init__(self, n: int, title: str, output: Path, work: Path, key: str):
+        self.output, self.t0, self.work, self.key = output, time.perf_counter(), work, key
         self.done = output.exists()
         print(f"\n[{n}/{STAGES}] {title}" + ("  (reusing " + str(output) + ")" if self.done else ""), flush=True)
 
     def finish(self):
-        print(f"      {time.perf_counter() - self.t0:.1f}s → {self.output}", flush=True)
+        dt = time.perf_counter() - self.t0
+        print(f"      {dt:.1f}s → {self.output}", flush=True)
+        if not self.done:
+            f = self.work / "stages.json"
+            f.write_text(json.dumps({**(json.loads(f.read_text()) if f.exists() else {}), self.key: dt}, indent=1))
 
 
-def _train(work: Path, stage: str, overrides: list[str]) -> Path:
+def _train(work: Path, stage: str, overrides: list[str], chain: Chain) -> Path:
     import jax
 
     from gemma_qat.train.config import load_run_config
     from gemma_qat.train.loop import FINAL_MODEL_DIR, train
 
-    cfg = load_run_config(CONFIG, [f"run_dir={work / stage}", *overrides])
+    cfg = load_run_config(CONFIG, [f"run_dir={work / stage}", *chain.overrides, *overrides])
     # One device: the demo's mesh is 1×1×1×1 whatever the host exposes.
     train(cfg, devices=jax.devices()[:1])
     return work / stage / FINAL_MODEL_DIR
 
 
-def _distill(work: Path, stage: str, recipe: str, teacher_dir: Path, data_dir: Path, tokenizer: Path, *, seed: int):
+def _distill(work: Path, stage: str, recipe: str, teacher_dir: Path, data_dir: Path, tokenizer: Path, *, seed: int,
+             chain: Chain):
     """A QAT student of `recipe` KL-distilled from the frozen teacher on the teacher's own training text,
     its fake-quant computed by the default backend (quant.backend = auto)."""
     _train(work, stage, [
         f"model.name={teacher_dir}", f"teacher.checkpoint={teacher_dir}", f"quant.recipe={recipe}",
         f"data.spec=jsonl:{data_dir / 'train.jsonl'}", f"data.tokenizer={tokenizer}", f"data.seed={seed}",
-        "distill.alpha=0.0", "optimizer.lr=1e-4", f"optimizer.warmup_steps={min(10, QAT_STEPS // 4)}",
-        f"optimizer.total_steps={QAT_STEPS}"])
+        "distill.alpha=0.0", f"optimizer.lr={chain.qat_lr}", f"optimizer.warmup_steps={min(10, chain.qat // 4)}",
+        f"optimizer.total_steps={chain.qat}"], chain)
 
 
-def run_demo(work: Path, *, fresh: bool = False) -> int:
+def run_demo(work: Path, *, fresh: bool = False, chain: Chain = Chain()) -> int:
+    """Runs (or resumes) the chain in `work`; each stage's seconds go to work/stages.json as it finishes."""
     from gemma_qat.eval.report import format_table
     from gemma_qat.model.checkpoint import load_model, read_meta, save_model
     from gemma_qat.quant.ptq import dequantized_params
@@ -90,30 +120,30 @@ def run_demo(work: Path, *, fresh: bool = False) -> int:
     teacher_dir = work / "teacher" / FINAL_MODEL_DIR
     data_dir = work / "teacher" / "data"
 
-    s = _Stage(1, f"teacher: tiny-e2b trained from scratch on the Python stdlib ({TEACHER_STEPS} steps)",
-               teacher_dir)
+    s = _Stage(1, f"teacher: trained from scratch on the Python stdlib ({chain.teacher} steps)", teacher_dir,
+               work, "teacher")
     if not s.done:
-        _train(work, "teacher", [f"optimizer.total_steps={TEACHER_STEPS}",
-                                 f"optimizer.warmup_steps={min(20, TEACHER_STEPS // 4)}"])
+        _train(work, "teacher", [f"optimizer.total_steps={chain.teacher}",
+                                 f"optimizer.warmup_steps={min(20, chain.teacher // 4)}"], chain)
     s.finish()
     tokenizer = data_dir / "tokenizer.model"
 
     qat_dir = work / "qat" / FINAL_MODEL_DIR
-    s = _Stage(2, f"QAT: Q4_0 student distilled from the frozen teacher ({QAT_STEPS} steps)", qat_dir)
+    s = _Stage(2, f"QAT: Q4_0 student distilled from the frozen teacher ({chain.qat} steps)", qat_dir, work, "qat-q4_0")
     if not s.done:
-        _distill(work, "qat", "q4_0", teacher_dir, data_dir, tokenizer, seed=1)
+        _distill(work, "qat", "q4_0", teacher_dir, data_dir, tokenizer, seed=1, chain=chain)
     s.finish()
 
     mobile_dir = work / "qat-mobile" / FINAL_MODEL_DIR
     s = _Stage(3, f"QAT: mobile student (int4/int2 weights, int8 activations) distilled through AQT "
-                  f"({QAT_STEPS} steps)", mobile_dir)
+                  f"({chain.qat} steps)", mobile_dir, work, "qat-mobile")
     if not s.done:
-        _distill(work, "qat-mobile", "mobile", teacher_dir, data_dir, tokenizer, seed=2)
+        _distill(work, "qat-mobile", "mobile", teacher_dir, data_dir, tokenizer, seed=2, chain=chain)
     s.finish()
 
     config, teacher_params = load_model(teacher_dir)
     ptq_dir = work / "ptq-q4_0"
-    s = _Stage(4, "PTQ baseline: the teacher quantized directly with the q4_0 recipe", ptq_dir)
+    s = _Stage(4, "PTQ baseline: the teacher quantized directly with the q4_0 recipe", ptq_dir, work, "ptq")
     if not s.done:
         res = resolve_recipe("q4_0", config)
         save_model(ptq_dir, dequantized_params(config, teacher_params, res), config,
@@ -121,16 +151,17 @@ def run_demo(work: Path, *, fresh: bool = False) -> int:
     s.finish()
 
     exports = work / "exports"
-    s = _Stage(5, "exports: Q4_0 Orbax, GGUF, mobile (QAT student and PTQ teacher)", exports / "done.json")
+    s = _Stage(5, "exports: Q4_0 Orbax, GGUF, mobile (QAT student and PTQ teacher)", exports / "done.json", work,
+               "exports")
     if not s.done:
-        _exports(work, exports, qat_dir, mobile_dir, teacher_dir, tokenizer, data_dir)
+        _exports(work, exports, qat_dir, mobile_dir, teacher_dir, tokenizer, data_dir, chain)
         (exports / "done.json").write_text(json.dumps({"ok": True}))
     s.finish()
 
     report = work / "report"
-    s = _Stage(6, "evaluation on held-out text (teacher, PTQ, QAT, exports)", report / "results.json")
+    s = _Stage(6, "evaluation on held-out text (teacher, PTQ, QAT, exports)", report / "results.json", work, "eval")
     if not s.done:
-        _evaluate(work, report, tokenizer, data_dir / "valid.jsonl")
+        _evaluate(work, report, tokenizer, data_dir / "valid.jsonl", chain)
     s.finish()
 
     print(f"\n[{STAGES}/{STAGES}] summary (held-out Python stdlib text; KL and top-1 against the teacher)")
@@ -139,7 +170,7 @@ def run_demo(work: Path, *, fresh: bool = False) -> int:
     return 0
 
 
-def _evaluate(work: Path, report: Path, tokenizer: Path, valid: Path) -> None:
+def _evaluate(work: Path, report: Path, tokenizer: Path, valid: Path, chain: Chain) -> None:
     """What `gemma-qat eval` runs (eval.compare), on the demo's artifacts, printed as it prints them."""
     from gemma_qat.eval.compare import compare
     from gemma_qat.eval.report import format_table
@@ -155,8 +186,8 @@ def _evaluate(work: Path, report: Path, tokenizer: Path, valid: Path) -> None:
         print("      (llama-cpp-python not installed: the GGUF row is skipped)")
     results, _ = compare(
         str(work / "teacher" / FINAL_MODEL_DIR), {name: str(path) for name, path in candidates.items()},
-        data=f"jsonl:{valid}", tokenizer=str(tokenizer), recipe="q4_0", ptq=True, seq_len=128, batch_size=8,
-        batches=16, report=str(report), curves={"teacher": str(work / "teacher"), "qat-q4_0": str(work / "qat"),
+        data=f"jsonl:{valid}", tokenizer=str(tokenizer), recipe="q4_0", ptq=True, seq_len=chain.eval_seq,
+        batch_size=chain.eval_batch, batches=chain.eval_batches, report=str(report), curves={"teacher": str(work / "teacher"), "qat-q4_0": str(work / "qat"),
                                        "mobile-qat": str(work / "qat-mobile")},
         progress=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(results))
@@ -164,7 +195,7 @@ def _evaluate(work: Path, report: Path, tokenizer: Path, valid: Path) -> None:
 
 
 def _exports(work: Path, exports: Path, qat_dir: Path, mobile_dir: Path, teacher_dir: Path, tokenizer: Path,
-             data_dir: Path):
+             data_dir: Path, chain: Chain):
     from gemma_qat.data import Tokenizer, make_eval_batches
     from gemma_qat.export.common import load_student
     from gemma_qat.export.gguf import export_gguf
@@ -185,8 +216,9 @@ def _exports(work: Path, exports: Path, qat_dir: Path, mobile_dir: Path, teacher
     mres = resolve_recipe("mobile", config)
     mobile_ckpt = work / "ptq-mobile"
     if not mobile_ckpt.exists():
-        batches = make_eval_batches(f"jsonl:{data_dir / 'train.jsonl'}", Tokenizer.load(tokenizer), seq_len=128,
-                                    global_batch_size=8, num_batches=4)
+        batches = make_eval_batches(f"jsonl:{data_dir / 'train.jsonl'}", Tokenizer.load(tokenizer),
+                                    seq_len=chain.eval_seq, global_batch_size=chain.eval_batch,
+                                    num_batches=chain.calib_batches)
         scales = calibrate(config, t_params, mres, batches)
         save_model(mobile_ckpt, t_params, config,
                    meta=dataclasses.replace(read_meta(teacher_dir), kind="ptq", recipe=mres.recipe.to_dict()))

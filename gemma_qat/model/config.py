@@ -159,6 +159,12 @@ BENCH_1B = ModelConfig(
     name="bench-1b", vocab_size=_V, d_model=2048, layer_types=interleave(18, 6), num_heads=8,
     num_kv_heads=4, num_global_kv_heads=1, ffn_dim=8192, sliding_window=1024, k_eq_v_global=True)
 
+# fid-e2b (benchmarks/fidelity.py): an E2B-shaped teacher big enough for Q4_0 to hurt and small enough to
+# train from scratch in minutes on one GPU: PLE, KV sharing and the double-wide shared MLPs of E2B.
+FID_E2B = dataclasses.replace(
+    E2B, name="fid-e2b", vocab_size=8192, d_model=768, layer_types=interleave(12, 4), num_heads=6, head_dim=128,
+    global_head_dim=256, ffn_dim=3072, ple_dim=128, num_kv_shared_layers=4, sliding_window=512, max_position=4096)
+
 
 def _tiny(base: ModelConfig, **kw) -> ModelConfig:
     """Small dims, same structural features. Head dims stay multiples of 32 (Q4_0 blocks) and the
@@ -180,7 +186,7 @@ TINY_26B_A4B = _tiny(G26B_A4B, layer_types=interleave(6, 3), num_kv_heads=2, num
 TINY_31B = _tiny(G31B, layer_types=interleave(6, 3), num_kv_heads=2, num_global_kv_heads=1, ffn_dim=128)
 
 VARIANTS: dict[str, ModelConfig] = {
-    c.name: c for c in (E2B, E4B, G12B, G26B_A4B, G31B, BENCH_1B,
+    c.name: c for c in (E2B, E4B, G12B, G26B_A4B, G31B, BENCH_1B, FID_E2B,
                         TINY_E2B, TINY_E4B, TINY_12B, TINY_26B_A4B, TINY_31B)
 }
 
