@@ -32,7 +32,6 @@ from gemma_qat.preflight import hlo  # noqa: E402
 _ALIASING = {"get-tuple-element", "tuple", "bitcast", "all-gather-done", "all-reduce-done",
              "collective-permute-done", "reduce-scatter-done", "async-done", "copy-done",
              "optimization-barrier", "while", "conditional", "parameter"}
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 def liveness(text: str) -> dict:
@@ -90,8 +89,7 @@ def liveness(text: str) -> dict:
     for n in size:
         if defined[n] <= at <= last[n]:
             ins = by_name[n.split("#")[0]]
-            m = _OP_NAME.search(ins.attrs)
-            live.append((size[n], n, shape[n], ins.opcode, m.group(1) if m else ""))
+            live.append((size[n], n, shape[n], ins.opcode, ins.op_name))
     live.sort(reverse=True)
     return {"peak_bytes": peak, "at": insts[min(at, len(insts) - 1)].name, "instructions": len(insts), "live": live}
 

@@ -28,7 +28,6 @@ from gemma_qat.preflight import hlo  # noqa: E402
 # No traffic of their own: they name, alias or schedule buffers.
 _FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",
          "optimization-barrier", "after-all", "partition-id", "replica-id", "iota"}
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 def kind(op_name: str, opcode: str) -> str:
@@ -63,8 +62,7 @@ def traffic(text: str) -> dict:
             if ins.opcode in _FREE or ins.opcode.endswith("-done"):
                 continue
             b = n * (hlo.nbytes(ins.shape) + sum(hlo.nbytes(comp.shapes.get(o, "")) for o in ins.operands))
-            m = _OP_NAME.search(ins.attrs)
-            name = re.sub(r"layer_\d+", "layer_N", m.group(1) if m else ins.opcode)
+            name = re.sub(r"layer_\d+", "layer_N", ins.op_name or ins.opcode)
             g = groups.setdefault((name, ins.opcode), [0.0, 0])
             g[0] += b
             g[1] += n

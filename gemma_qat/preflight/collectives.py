@@ -69,7 +69,6 @@ SCALAR_BYTES = 64  # at most this many bytes: a loss or a norm, not a tensor
 _COMPUTE = {"fusion", "fusion-start", "dot", "convolution", "custom-call", "call", "while", "conditional"}
 _MOE = re.compile(r"moe|expert|router|dispatch|ragged", re.I)
 _OPTIMIZER = re.compile(r"optax|adam|opt_state|global_norm|clip_by|scale_by", re.I)
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
 _SOURCE_FILE = re.compile(r'source_file="([^"]*)"')
 
 
@@ -233,7 +232,7 @@ def from_module(module: hlo.Module) -> list[Collective]:
                 name=inst.name, kind=kind, is_async=is_async, dtypes=tuple(d for d, _ in ins),
                 shapes=tuple(dims for _, dims in ins), result_shapes=tuple(dims for _, dims in outs),
                 input_bytes=in_bytes, group_size=n, groups=groups, bytes_moved=moved_bytes(kind, in_bytes, n),
-                runs=times, loop_trip_counts=loops, overlapped=overlapped, op_name=_meta(_OP_NAME, inst.attrs),
+                runs=times, loop_trip_counts=loops, overlapped=overlapped, op_name=inst.op_name,
                 source_file=_meta(_SOURCE_FILE, inst.attrs), computation=sched.name))
     params = _param_shapes(module)
     gathered = {_norm(s) for c in found if c.kind == "all-gather" and {_norm(s) for s in c.shapes} & params

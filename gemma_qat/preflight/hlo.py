@@ -32,6 +32,7 @@ _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
 _CALLS = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation|branch_computations)"
                     r"=(\{[^}]*\}|%?[\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 _NAME = re.compile(r"%?([\w.\-]+)$")
 
 
@@ -71,6 +72,12 @@ class Instruction:
         for key, val in _CALLS.findall(self.attrs):
             out.setdefault(key, []).extend(v.strip().lstrip("%") for v in val.strip("{}").split(",") if v.strip())
         return out
+
+    @property
+    def op_name(self) -> str:
+        """The jax op_name of the instruction's metadata ("" when it has none)."""
+        m = _OP_NAME.search(self.attrs)
+        return m.group(1) if m else ""
 
     @property
     def trip_count(self) -> int | None:
