@@ -170,3 +170,35 @@ def test_mobile_run_calibrates_and_carries_static_activation_scales(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(weights_only.apply(
         {"params": params, "quant_scales": scales}, tokens)))  # policy-carried == collection-carried
     assert float(jnp.abs(a - weights_only.apply({"params": params}, tokens)).max()) > 0
+
+
+def test_pure_cross_entropy_step_skips_the_teacher():
+    """α = 1 at every step: the KL term weighs 0, so the step runs no teacher forward (it never reads the
+    teacher's params) and gives the α = 1 distillation step's loss and update."""
+    from gemma_qat.loss.distill import DistillSchedule
+    from gemma_qat.model.transformer import Transformer
+    from gemma_qat.train.config import OptimizerSection
+    from gemma_qat.train.optimizer import lr_schedule, make_optimizer
+    from gemma_qat.train.state import TrainState
+    from gemma_qat.train.step import make_step_fn
+
+    cfg = get_config("tiny-e2b")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    o = OptimizerSection(lr=1e-3, warmup_steps=1, total_steps=4)
+    tx = make_optimizer(o)
+    model = Transformer(cfg)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(1))
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 32), 0, cfg.vocab_size)
+    batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, 1), "loss_mask": jnp.ones((2, 32), jnp.int32),
+             "segment_ids": jnp.ones((2, 32), jnp.int32), "positions": jnp.broadcast_to(jnp.arange(32), (2, 32))}
+    kw = dict(grad_accum_steps=1, chunk_size=16, loss_impl="xla")
+    full = make_step_fn(model, model, tx, DistillSchedule(1.0, 1.0), lr_schedule(o), **kw)
+    lean = make_step_fn(model, model, tx, DistillSchedule(1.0, 1.0), lr_schedule(o), ce_only=True, **kw)
+    other = init_params(cfg, jax.random.PRNGKey(5))  # a teacher unlike the student: its KL is not 0
+    s_full, m_full = jax.jit(full)(state, other, batch)
+    s_lean, m_lean = jax.jit(lean)(state, None, batch)  # no teacher params at all
+    np.testing.assert_allclose(m_lean["loss"], m_full["loss"], rtol=1e-6)
+    assert float(m_lean["kl"]) == 0.0 and float(m_full["kl"]) > 0  # the full step did compute a KL
+    for a, b in zip(jax.tree.leaves(s_lean.params), jax.tree.leaves(s_full.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -62,7 +62,10 @@ def build_step(cfg: RunConfig, student_config, teacher_config, policy, tx, state
             return step_lib.jit_step(fn, state_sh, teacher_sh, batch_sh, mesh, keys=step_lib.CACHED_BATCH_KEYS)
         teacher = Transformer(teacher_config, dtype=compute, param_dtype=DTYPES[cfg.teacher.param_dtype],
                               attention=cfg.attention, scan_layers=cfg.scan_layers)
-        fn = step_lib.make_step_fn(student, teacher, tx, schedule, lr_fn, loss_impl=cfg.distill.loss_impl, **common)
+        # α = 1 at every step: pure cross-entropy, the teacher's forward would be computed for nothing.
+        ce_only = cfg.distill.schedule == "constant" and cfg.distill.alpha == 1.0
+        fn = step_lib.make_step_fn(student, teacher, tx, schedule, lr_fn, loss_impl=cfg.distill.loss_impl,
+                                   ce_only=ce_only, **common)
         return step_lib.jit_step(fn, state_sh, teacher_sh, batch_sh, mesh)
 
     return step_lib.cached(key, build)

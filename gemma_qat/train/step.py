@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gemma_qat.loss.distill import DistillSchedule, chunked_distill_loss, topk_distill_loss
+from gemma_qat.loss.distill import DistillSchedule, chunked_ce_loss, chunked_distill_loss, topk_distill_loss
 from gemma_qat.model.transformer import Transformer
 from gemma_qat.train.optimizer import trainable_grad_norm
 from gemma_qat.train.state import TrainState
@@ -55,11 +55,22 @@ def _make(loss_of: Callable, tx: optax.GradientTransformation, schedule: Distill
 
 def make_step_fn(student: Transformer, teacher: Transformer, tx: optax.GradientTransformation,
                  schedule: DistillSchedule, lr_fn: Callable, *, grad_accum_steps: int, chunk_size: int,
-                 loss_impl: str = "auto"):
-    """The un-jitted step (tests call it eagerly; `jit_step` compiles it with shardings)."""
+                 loss_impl: str = "auto", ce_only: bool = False):
+    """The un-jitted step (tests call it eagerly; `jit_step` compiles it with shardings). `ce_only`: the
+    schedule's α is 1 at every step, so the KL term has weight 0 and the teacher's forward is not run
+    (the loss is the labels' cross-entropy; kl and top1_agree are reported as 0)."""
     softcap = student.config.final_softcap
 
     def loss_of(teacher_params, batch, temperature, alpha, step_rng):
+        if ce_only:
+            def ce_fn(params):
+                s_h, s_table = _hidden(student, params, batch, rngs={"quant": step_rng})
+                ce, aux = chunked_ce_loss(s_h, s_table, batch["targets"], softcap=softcap, mask=batch["loss_mask"],
+                                          chunk_size=chunk_size, loss_impl=loss_impl)
+                zero = jnp.zeros((), jnp.float32)
+                return ce, {**aux, "kl": zero, "top1_agree": zero}
+            return ce_fn
+
         # The teacher never gets a gradient; stop_gradient also lets XLA drop its backward entirely.
         t_h, t_table = jax.lax.stop_gradient(_hidden(teacher, teacher_params, batch))
 
