@@ -376,7 +376,12 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
         with devices.compiling_for(topo.platform):  # kernels and grouped matmuls as the target chooses them
             _check_step(cfg, topo, shape, plan_for, report, cpu_compile=cpu_compile, target=target_compile)
         if report.compiled_program is not None:
-            performance.analyse(report, s_cfg, t_cfg)
+            try:
+                performance.analyse(report, s_cfg, t_cfg)
+            except Exception as e:  # noqa: BLE001 — a reading of the HLO must not lose what the compile found
+                report.problems.append(f"the compiled program was not analysed for communication and step time "
+                                       f"({type(e).__name__}: {str(e)[:300]}); its memory figures above stand. "
+                                       "Keep its HLO with --hlo-out and report the error")
     else:
         report.step_check = "not traced (shapes and shardings only)"
     report.finish()

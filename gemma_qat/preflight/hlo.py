@@ -67,9 +67,10 @@ class Instruction:
     computation: str
 
     def called(self) -> dict[str, list[str]]:
-        """{'calls': [...], 'body': [...], ...}: the computations this instruction names."""
+        """{'calls': [...], 'body': [...], ...}: the computations this instruction names (outside its
+        backend_config, whose text, a Pallas kernel's for one, may hold words like `body=` of its own)."""
         out: dict[str, list[str]] = {}
-        for key, val in _CALLS.findall(self.attrs):
+        for key, val in _CALLS.findall(_without_backend_config(self.attrs)):
             out.setdefault(key, []).extend(v.strip().lstrip("%") for v in val.strip("{}").split(",") if v.strip())
         return out
 
@@ -99,6 +100,21 @@ class Instruction:
             elif c == "," and depth == 0:
                 return self.attrs[i:j].strip()
         return self.attrs[i:].strip()
+
+
+def _without_backend_config(attrs: str) -> str:
+    m = re.search(r"\bbackend_config=", attrs)
+    if not m:
+        return attrs
+    i = m.end()
+    if i < len(attrs) and attrs[i] == "{":
+        return attrs[:m.start()] + attrs[_balanced(attrs, i):]
+    if i < len(attrs) and attrs[i] == '"':  # a quoted string form
+        j = i + 1
+        while j < len(attrs) and attrs[j] != '"':
+            j += 2 if attrs[j] == "\\" else 1
+        return attrs[:m.start()] + attrs[j + 1:]
+    return attrs
 
 
 @dataclasses.dataclass
@@ -227,27 +243,37 @@ class Module:
         call path). A computation reached by several call sites sums them (both branches of a conditional
         count: an upper bound)."""
         callers, memo = self.callers(), {}
-
-        def visit(name: str):
-            if name in memo:
-                return memo[name]
-            if name == self.entry or name not in callers:
-                memo[name] = (1, ())
-                return memo[name]
-            total, loops = 0, None
-            for inst, how in callers[name]:
-                times, outer = visit(inst.computation)
-                factor, here = 1, ()
-                if inst.opcode == "while" and how in ("body", "condition"):
-                    trip = self.while_trip_count(inst)
-                    factor = None if trip is None else trip + (how == "condition")
-                    here = (trip,)
-                total = None if total is None or times is None or factor is None else total + times * factor
-                loops = outer + here if loops is None else loops
-            memo[name] = (total, loops or ())
-            return memo[name]
-
-        return {name: visit(name) for name in self.computations}
+        for root in self.computations:  # depth-first without recursion: no call depth can exhaust the stack
+            stack, open_ = [(root, False)], set()
+            while stack:
+                name, ready = stack.pop()
+                if name in memo:
+                    continue
+                if name == self.entry or name not in callers:
+                    memo[name] = (1, ())
+                    continue
+                if not ready:
+                    if name in open_:
+                        continue  # a cycle: a call graph has none, so it is a misread name, not a call
+                    open_.add(name)
+                    stack.append((name, True))
+                    stack.extend((i.computation, False) for i, _ in callers[name] if i.computation not in memo)
+                    continue
+                open_.discard(name)
+                total, loops = 0, None
+                for inst, how in callers[name]:
+                    if inst.computation not in memo:
+                        continue  # the edge that closed a cycle
+                    times, outer = memo[inst.computation]
+                    factor, here = 1, ()
+                    if inst.opcode == "while" and how in ("body", "condition"):
+                        trip = self.while_trip_count(inst)
+                        factor = None if trip is None else trip + (how == "condition")
+                        here = (trip,)
+                    total = None if total is None or times is None or factor is None else total + times * factor
+                    loops = outer + here if loops is None else loops
+                memo[name] = (total, loops or ())
+        return {name: memo[name] for name in self.computations}
 
 
 def _logical_lines(raw: list[str]) -> list[str]:
