@@ -84,6 +84,17 @@ def _mib_or_gib(b) -> str:
     return "–" if b is None else f"{b / GIB:.1f}" if abs(b) >= GIB else f"{b / 2**20:.0f} Mi"
 
 
+def _memory(r: dict) -> tuple[str, str, str, str]:
+    """A report's memory columns: exact rows, estimate (GiB), compiled args / temp / peak, estimate ÷ peak."""
+    rows_b = {m["what"]: m["bytes"] for m in r["memory_per_device"]}
+    exact = sum(b for w, b in rows_b.items() if w != "activations + temporaries")
+    estimate = exact + rows_b.get("activations + temporaries", 0)
+    c = r.get("compiled") or {}
+    compiled = f"{_mib_or_gib(c.get('argument_size'))} / {_mib_or_gib(c.get('temp_size'))} / {_mib_or_gib(c.get('peak'))}"
+    ratio = f"{estimate / c['peak']:.2f}" if c.get("peak") else "–"
+    return f"{exact / GIB:.1f}", f"{estimate / GIB:.1f}", compiled, ratio
+
+
 def table(rows: list[dict]) -> str:
     head = ("| preset | topology | mesh | compile s | exact rows GiB | estimate GiB | compiled args / temp / peak GiB "
             "| est. vs compiled | fits | comm GB/step/chip | predicted MFU (overlap…serial) |")
@@ -93,18 +104,13 @@ def table(rows: list[dict]) -> str:
         if r is None:
             out.append(f"| {row['preset']} | {row['topology'] or 'own'} | | | | | {row.get('error', '')} | | | | |")
             continue
-        rows_b = {m["what"]: m["bytes"] for m in r["memory_per_device"]}
-        exact = sum(b for w, b in rows_b.items() if w != "activations + temporaries")
-        estimate = exact + rows_b.get("activations + temporaries", 0)
-        c = r.get("compiled") or {}
+        exact, estimate, compiled, ratio = _memory(r)
         mesh = "×".join(f"{k[0]}{v}" for k, v in r["mesh"].items() if v > 1)
-        ratio = f"{estimate / c['peak']:.2f}" if c.get("peak") else "–"
         comm = r.get("collectives", {}).get("bytes")
         pred = r.get("prediction") or {}
         mfu = (f"{100 * pred['mfu_overlapped']:.0f}…{100 * pred['mfu_serial']:.0f}%" if pred else "–")
         out.append(f"| {row['preset']} | {r['topology']['name']} | {mesh} | {r.get('compile_seconds') or 0:.0f} | "
-                   f"{exact / GIB:.1f} | {estimate / GIB:.1f} | {_mib_or_gib(c.get('argument_size'))} / "
-                   f"{_mib_or_gib(c.get('temp_size'))} / {_mib_or_gib(c.get('peak'))} | {ratio} | "
+                   f"{exact} | {estimate} | {compiled} | {ratio} | "
                    f"{'yes' if r['fits'] else 'NO'} | {'–' if comm is None else f'{comm / 1e9:.2f}'} | {mfu} |")
     return "\n".join(out)
 
@@ -123,10 +129,8 @@ def matrix_rows(rows: list[dict]) -> str:
         if r is None:
             out.append(f"| {row['preset']} | {row['topology']} | {row.get('error', '')} | | | | | | | |")
             continue
-        rows_b = {m["what"]: m["bytes"] for m in r["memory_per_device"]}
-        exact = sum(b for w, b in rows_b.items() if w != "activations + temporaries")
-        estimate = exact + rows_b.get("activations + temporaries", 0)
-        c, t, p = r.get("compiled") or {}, r["topology"], r.get("prediction") or {}
+        exact, estimate, compiled, ratio = _memory(r)
+        t, p = r["topology"], r.get("prediction") or {}
         col = r.get("collectives") or {}
         inter = (col.get("links") or {}).get("inter_host")
         comm = "–" if col.get("bytes") is None else f"{col['bytes'] / 1e9:.1f} GB" + (
@@ -135,10 +139,8 @@ def matrix_rows(rows: list[dict]) -> str:
         margin = f"+{100 * r['margin_bytes'] / t['usable_bytes']:.0f}%" if r.get("margin_bytes") is not None else ""
         pred = (f"{p['step_s_overlapped']:.2f} … {p['step_s_serial']:.2f} s, {100 * p['mfu_overlapped']:.1f} … "
                 f"{100 * p['mfu_serial']:.1f}%, {p['bottleneck']}") if p else "–"
-        ratio = f"{estimate / c['peak']:.2f}" if c.get("peak") else "–"
         out.append(f"| {row['preset']} | {t['name']} ({_mesh_words(r['mesh'])}) | {r.get('compile_seconds') or 0:.0f} s | "
-                   f"{exact / GIB:.1f} | {estimate / GIB:.1f} | {_mib_or_gib(c.get('argument_size'))} / "
-                   f"{_mib_or_gib(c.get('temp_size'))} / {_mib_or_gib(c.get('peak'))} | {ratio} | "
+                   f"{exact} | {estimate} | {compiled} | {ratio} | "
                    f"{'yes' if r['fits'] else 'NO'} ({usable:.1f}), {margin} | {comm} | {pred} |")
     return "\n".join(out)
 
