@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from gemma_qat import sharding
@@ -239,3 +241,29 @@ def test_offline_run_sizes_no_teacher_and_the_topk_inputs():
     assert any("not readable here, sized with top-64" in n for n in r.notes)
     online = run_preflight(load_run_config(TINY), "8xH100", lower=False)
     assert _rows(online)["teacher params"] > 0
+
+
+def test_argument_check_names_compiler_tables_and_missing_rows():
+    # libtpu can put index tables of its own in the entry tuple (26B-A4B on v6e-128: 20 s8/s32 arrays);
+    # they are reported beside the exact rows, while a sized array with no parameter of its shape is a problem.
+    import types
+
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from gemma_qat.preflight.check import _check_arguments
+    sh = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("x",)), P())
+    plan = types.SimpleNamespace(state={"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=sh)}, teacher={},
+                                 batch={"tokens": jax.ShapeDtypeStruct((2, 16), jnp.int32, sharding=sh)})
+
+    def check(params: str, argument_size: int):
+        hlo = f"HloModule m, entry_computation_layout={{({params})->f32[]}}\n"
+        report = types.SimpleNamespace(compiled={"argument_size": argument_size}, problems=[], notes=[], checks=[])
+        _check_arguments(plan, types.SimpleNamespace(as_text=lambda: hlo), "compiler", report)
+        return report
+
+    r = check("s8[1,8,3]{2,1,0}, f32[8,4]{1,0}, s32[4096]{0}, s32[2,16]{1,0}", 24 + 128 + 16384 + 128)
+    assert not r.problems and r.layout_padding == 0
+    assert r.checks == ["compiler: argument buffers = exact rows + batch + 2 parameters of the compiler's own "
+                        "(16,408 B: s8[1,8,3] ×1, s32[4096] ×1), to the byte"]
+    r = check("f32[8,2]{1,0}, s32[2,16]{1,0}", 64 + 128)  # the weight arrived halved: the rows are wrong
+    assert not r.checks and "no entry parameter for 1 of the arrays preflight sized (f32[8,4] ×1)" in r.problems[0]

@@ -16,6 +16,7 @@ What is exact and what is estimated is said per row of the report (`source`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
@@ -32,7 +33,7 @@ from gemma_qat import devices, sharding
 from gemma_qat.model import checkpoint, scan
 from gemma_qat.model.config import get_config
 from gemma_qat.model.params import abstract_params, logical_axes
-from gemma_qat.preflight import compilers, layout, memory as preflight_memory, performance
+from gemma_qat.preflight import compilers, hlo, layout, memory as preflight_memory, performance
 from gemma_qat.preflight.report import Report, TensorRow, size
 from gemma_qat.preflight.topologies import Topology, parse
 from gemma_qat.quant.policy import RecipePolicy, check_q4_0_blocks, placeholder_scales
@@ -191,24 +192,43 @@ def _out_of_memory(e: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e)
 
 
+_HLO_DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64", "int8": "s8",
+               "int16": "s16", "int32": "s32", "int64": "s64", "uint8": "u8", "uint16": "u16", "uint32": "u32",
+               "uint64": "u64", "bool": "pred"}
+
+
 def _check_arguments(plan, compiled, who: str, report: Report) -> None:
-    """The compiler's argument buffers against the exact rows: the logical bytes of its entry parameters
-    must equal state + teacher + batch as preflight sized them; what the buffers hold beyond that is
-    the layout's tile padding (TPU), reported as such."""
-    logical, stored = layout.argument_bytes(compiled.as_text())
+    """The compiler's argument buffers against the exact rows: every array of state + teacher + batch,
+    as preflight sized it, must be an entry parameter of that shape; what the buffers hold beyond that
+    is the layout's tile padding (TPU), and any parameters the compiler adds of its own (libtpu passes
+    small index tables in the entry tuple for some collectives: 20 s8/s32 arrays, 66 KB, in 26B-A4B's
+    v6e-128 program), each reported as such."""
+    arrays = layout.argument_arrays(compiled.as_text())
     # jit prunes arguments the step never reads: offline (no teacher), `targets` is one of them.
     batch = {k: v for k, v in plan.batch.items() if plan.teacher or k != "targets"}
-    expected = _nbytes(plan.state) + _nbytes(plan.teacher) + _nbytes(batch)
+    leaves = jax.tree.leaves((plan.state, plan.teacher, batch))
+    expected = collections.Counter((_HLO_DTYPES[str(a.dtype)], tuple(a.sharding.shard_shape(a.shape))) for a in leaves)
+    got = collections.Counter((d, dims) for d, dims, _, _ in arrays)
+    missing, extra = expected - got, got - expected
+    logical, stored = sum(a[2] for a in arrays), sum(a[3] for a in arrays)
     report.layout_padding = stored - logical
-    if logical != expected:
-        report.problems.append(f"the {who} receives {logical:,} bytes of arguments per device, preflight sized "
-                               f"{expected:,}: the exact rows are wrong for this program")
-    elif stored != report.compiled["argument_size"]:
+    if missing:
+        shown = ", ".join(f"{d}[{','.join(map(str, s))}] ×{n}" for (d, s), n in list(missing.items())[:4])
+        report.problems.append(f"the {who} has no entry parameter for {sum(missing.values())} of the arrays "
+                               f"preflight sized ({shown}); it receives {logical:,} bytes of arguments per device, "
+                               f"preflight sized {_nbytes(leaves):,}: the exact rows are wrong for this program")
+        return
+    if stored != report.compiled["argument_size"]:
         report.notes.append(f"argument buffers {report.compiled['argument_size']:,} B vs {stored:,} B from the "
                             "entry layouts: the tiling rule in preflight/layout.py missed something")
-    else:
-        pad = f" + {size(stored - logical)} of tile padding" if stored > logical else ""
-        report.checks.append(f"{who}: argument buffers = exact rows + batch{pad}, to the byte")
+        return
+    pad = f" + {size(stored - logical)} of tile padding" if stored > logical else ""
+    own = ""
+    if extra:
+        own_bytes = sum(math.prod(s) * hlo.dtype_bytes(d) * n for (d, s), n in extra.items())
+        kinds = ", ".join(f"{d}[{','.join(map(str, s))}] ×{n}" for (d, s), n in extra.items())
+        own = f" + {sum(extra.values())} parameters of the compiler's own ({own_bytes:,} B: {kinds})"
+    report.checks.append(f"{who}: argument buffers = exact rows + batch{own}{pad}, to the byte")
 
 
 def _check_step(cfg, topo, shape, plan_for, report: Report, *, cpu_compile: bool, target: bool) -> None:

@@ -37,12 +37,18 @@ def _tiled_elements(dims: list[int], layout: str) -> int:
     return math.prod(padded)
 
 
-def argument_bytes(hlo_text: str) -> tuple[int, int]:
-    """(logical bytes, bytes as laid out) over the entry computation's parameters, per device."""
-    logical = stored = 0
+def argument_arrays(hlo_text: str) -> list[tuple[str, tuple[int, ...], int, int]]:
+    """(HLO dtype, dims, logical bytes, bytes as laid out) of every entry parameter, per device."""
+    out = []
     for dtype, dims_text, layout in _ARRAY.findall(_entry_parameters(hlo_text)):
         itemsize = hlo.dtype_bytes(dtype)  # an unknown element type raises
-        dims = [int(d) for d in dims_text.split(",") if d]
-        logical += math.ceil(math.prod(dims) * itemsize)
-        stored += math.ceil(_tiled_elements(dims, layout or "") * itemsize)
-    return logical, stored
+        dims = tuple(int(d) for d in dims_text.split(",") if d)
+        out.append((dtype, dims, math.ceil(math.prod(dims) * itemsize),
+                     math.ceil(_tiled_elements(list(dims), layout or "") * itemsize)))
+    return out
+
+
+def argument_bytes(hlo_text: str) -> tuple[int, int]:
+    """(logical bytes, bytes as laid out) over the entry computation's parameters, per device."""
+    arrays = argument_arrays(hlo_text)
+    return sum(a[2] for a in arrays), sum(a[3] for a in arrays)
