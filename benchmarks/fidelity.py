@@ -6,8 +6,11 @@ exports → evaluation) at a size where Q4_0 costs a measurable KL, on one GPU.
         --batch 8 --seq 128 --corpus-mb 2 --vocab 512 --dtype float32               # the plumbing, on a CPU
 
 The teacher is `fid-e2b` (155 M parameters, E2B's structure: PLE, KV sharing, sliding/global) trained on
-Python sources and docstrings (`data.spec = python-corpus`: the installation's standard library, up to
---corpus-mb, about 30 MB in all), with its own SentencePiece tokenizer. Both QAT students get the same token
+Python sources and docstrings (`data.spec = python-corpus`: the installation's standard library, about 30 MB,
+then its site-packages, up to --corpus-mb; --stdlib-only stops after the stdlib), with its own SentencePiece
+tokenizer. Size the corpus to the teacher's tokens (steps × batch × seq, about 3.3 bytes a token at vocab
+8192): a teacher that sees its corpus many times over-fits, and its held-out distributions stop being a
+fair target (BENCHMARKS.md, the first run). Both QAT students get the same token
 budget (--qat-steps × batch × seq) from the frozen teacher. The rows (gemma_qat.eval: PPL, KL mean ± s.e.,
 KL p99 / p99.9, top-1 agreement, recovery of the PTQ gap) and each stage's seconds and tokens/s go to
 OUT/fidelity.json and OUT/fidelity.md, the report's plots (KL vs step beside each PTQ baseline) to OUT.
@@ -30,16 +33,17 @@ def main() -> None:
     ap.add_argument("--work", required=True, help="the chain's folder (stages reuse what is there)")
     ap.add_argument("--out", help="where fidelity.json / .md and the plots go (default: WORK/out)")
     ap.add_argument("--model", default="fid-e2b")
-    ap.add_argument("--teacher-steps", type=int, default=3000)
-    ap.add_argument("--qat-steps", type=int, default=600)
+    ap.add_argument("--teacher-steps", type=int, default=1500)
+    ap.add_argument("--qat-steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--teacher-lr", type=float, default=1e-3)
     ap.add_argument("--qat-lr", type=float, default=1e-4)
-    ap.add_argument("--corpus-mb", type=int, default=32, help="of the standard library (about 30 MB in all)")
+    ap.add_argument("--corpus-mb", type=int, default=160, help="the stdlib (about 30 MB), then site-packages")
+    ap.add_argument("--stdlib-only", action="store_true", help="no site-packages in the corpus")
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype (float32 on a CPU)")
-    ap.add_argument("--eval-batches", type=int, default=64)
+    ap.add_argument("--eval-batches", type=int, default=24)
     ap.add_argument("--fresh", action="store_true")
     args = ap.parse_args()
 
@@ -49,7 +53,8 @@ def main() -> None:
     chain = Chain(
         teacher_steps=args.teacher_steps, qat_steps=args.qat_steps, qat_lr=args.qat_lr,
         overrides=(f"model.name={args.model}", f"data.seq_len={args.seq}", f"data.global_batch_size={args.batch}",
-                   f"data.corpus_bytes={args.corpus_mb << 20}", f"data.tokenizer_vocab={args.vocab}",
+                   f"data.corpus_bytes={args.corpus_mb << 20}", f"data.corpus_site_packages={not args.stdlib_only}",
+                   f"data.tokenizer_vocab={args.vocab}",
                    f"optimizer.compute_dtype={args.dtype}", f"optimizer.lr={args.teacher_lr}",
                    f"distill.chunk_size={min(args.seq, 512)}", "checkpoint.every_steps=1000",
                    "logging.every_steps=25"),

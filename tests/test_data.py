@@ -63,6 +63,24 @@ def test_corpus_deterministic_disjoint(corpus_files, tmp_path):
     assert sum(len(t.encode()) for t in tr + va) <= 1 << 20
 
 
+def test_corpus_site_packages_follow_the_stdlib(tmp_path, monkeypatch):
+    lib, site = tmp_path / "lib", tmp_path / "site"
+    (lib / "json").mkdir(parents=True)
+    (lib / "json" / "enc.py").write_text('"""Encode JSON."""\nx = 1\n')
+    (site / "pkg" / "tests").mkdir(parents=True)
+    (site / "pkg" / "core.py").write_text("def f():\n    return 2\n")
+    (site / "pkg" / "tests" / "test_core.py").write_text("assert True\n")
+    (site / "pkg" / "table.py").write_text("T = [" + "0, " * (1 << 19) + "]\n")  # > 1 MiB: generated, skipped
+    monkeypatch.setattr(corpus, "_stdlib_root", lambda: lib)
+    monkeypatch.setattr(corpus, "_site_roots", lambda: [site])
+    assert [r for r, _ in corpus.iter_python_documents()] == ["json/enc.py", "json/enc.py"]  # code, docstrings
+    assert [r for r, _ in corpus.iter_python_documents(site_packages=True)] == [
+        "json/enc.py", "json/enc.py", "site-packages/pkg/core.py", "site-packages/pkg/tests/test_core.py"]
+    train, valid = corpus.build_python_corpus(tmp_path / "out", max_bytes=1 << 20, site_packages=True)
+    texts = [json.loads(line)["text"] for f in (train, valid) for line in f.open()]
+    assert "def f():\n    return 2\n" in texts and len(texts) == 4
+
+
 # ---- tokenizer -----------------------------------------------------------------------------------
 def test_tokenizer_ids_and_round_trip(tok, corpus_files, tmp_path):
     assert (tok.pad_id, tok.eos_id, tok.bos_id) == (0, 1, 2)

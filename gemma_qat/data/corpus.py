@@ -1,8 +1,11 @@
-"""A small plain-text corpus that every machine has: the Python stdlib.
+"""A plain-text corpus that every machine has: the Python stdlib (about 30 MB),
+and on request the installed site-packages after it (hundreds of MB where
+torch, jax or transformers are installed).
 
-Used for demos, smoke tests and tokenizer training when no real data is at
-hand. The content depends only on the running interpreter's stdlib, so two
-runs with the same Python give byte-identical files.
+Used for demos, smoke tests, tokenizer training and the fidelity benchmark when
+no real data is at hand. The stdlib part depends only on the running
+interpreter, so two runs with the same Python give byte-identical files; with
+site-packages the content also follows what is installed.
 
 Layout written to `out_dir`:
   train.jsonl   one {"text": ...} object per line
@@ -22,6 +25,15 @@ from typing import Iterator
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024  # Enough for a demo, builds in ~1 s.
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 _TEST_DIRS = {"test", "tests", "idle_test"}
+_MAX_FILE_BYTES = 1 << 20  # larger .py files are generated tables, not code anyone wrote
+
+
+def _site_roots() -> list[Path]:
+    """The interpreter's site-packages folders (purelib, platlib, site's list), each once, sorted."""
+    import site
+    found = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    found.update(getattr(site, "getsitepackages", lambda: [])())
+    return sorted({Path(p).resolve() for p in found if Path(p).is_dir()})
 
 
 def _stdlib_root() -> Path:
@@ -68,22 +80,26 @@ def _is_valid(rel_path: str, valid_percent: float) -> bool:
 
 
 def iter_python_documents(
-    *, with_docstrings: bool = True) -> Iterator[tuple[str, str]]:
-    """Yields (relative_path, text) for each stdlib module (+ docstring doc)."""
-    root = _stdlib_root()
-    for f in _module_files(root):
-        try:
-            text = f.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue  # Some test fixtures are deliberately not utf-8.
-        if not text.strip():
-            continue
-        rel = f.relative_to(root).as_posix()
-        yield rel, text
-        if with_docstrings:
-            docs = _docstrings(text)
-            if docs:
-                yield rel, docs
+    *, with_docstrings: bool = True, site_packages: bool = False) -> Iterator[tuple[str, str]]:
+    """Yields (relative_path, text) for each stdlib module (+ docstring doc), then, with
+    `site_packages`, each installed package's modules (paths prefixed `site-packages/`)."""
+    roots = [("", _stdlib_root())] + ([("site-packages/", r) for r in _site_roots()] if site_packages else [])
+    for prefix, root in roots:
+        for f in _module_files(root):
+            try:
+                if prefix and f.stat().st_size > _MAX_FILE_BYTES:
+                    continue
+                text = f.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue  # Some test fixtures are deliberately not utf-8.
+            if not text.strip():
+                continue
+            rel = prefix + f.relative_to(root).as_posix()
+            yield rel, text
+            if with_docstrings:
+                docs = _docstrings(text)
+                if docs:
+                    yield rel, docs
 
 
 def build_python_corpus(
@@ -92,6 +108,7 @@ def build_python_corpus(
     max_bytes: int = DEFAULT_MAX_BYTES,
     valid_percent: float = 5.0,
     with_docstrings: bool = True,
+    site_packages: bool = False,
 ) -> list[Path]:
     """Writes the stdlib corpus to `out_dir` and returns [train, valid] paths.
 
@@ -100,6 +117,7 @@ def build_python_corpus(
       max_bytes: Stop once this many utf-8 text bytes (both splits) are written.
       valid_percent: Percentage of modules (by path hash) held out.
       with_docstrings: Also emit each module's docstrings as a separate doc.
+      site_packages: After the stdlib, the installed packages' modules too.
     """
     if max_bytes <= 0:
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
@@ -113,7 +131,8 @@ def build_python_corpus(
                             for p in (train_path, valid_path))
     with open(tmp_train, "w", encoding="utf-8") as ft, \
          open(tmp_valid, "w", encoding="utf-8") as fv:
-        for rel, text in iter_python_documents(with_docstrings=with_docstrings):
+        for rel, text in iter_python_documents(with_docstrings=with_docstrings,
+                                                   site_packages=site_packages):
             n = len(text.encode("utf-8"))
             if total + n > max_bytes:
                 if total == 0:

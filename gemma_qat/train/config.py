@@ -79,6 +79,7 @@ class DataSection:
     global_batch_size: int = 8
     seed: int = 0
     corpus_bytes: int = 2 * 1024 * 1024  # python-corpus only
+    corpus_site_packages: bool = False  # python-corpus only: the installed packages after the stdlib
     tokenizer_vocab: int = 512  # python-corpus only; capped at the model's vocab
     num_threads: int = 2  # grain read threads
 

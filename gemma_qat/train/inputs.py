@@ -26,8 +26,9 @@ def _build_python_corpus(cfg: RunConfig, model_vocab: int) -> tuple[str, Path]:
     tok = Path(d.tokenizer) if d.tokenizer else data_dir / "tokenizer.model"
     if jax.process_index() == 0:
         if not train.is_file():
-            log.info("building the Python stdlib corpus (%d bytes) in %s", d.corpus_bytes, data_dir)
-            build_python_corpus(data_dir, max_bytes=d.corpus_bytes)
+            log.info("building the Python corpus (%d bytes%s) in %s", d.corpus_bytes,
+                     ", stdlib then site-packages" if d.corpus_site_packages else "", data_dir)
+            build_python_corpus(data_dir, max_bytes=d.corpus_bytes, site_packages=d.corpus_site_packages)
         if not tok.is_file():
             vocab = min(d.tokenizer_vocab, model_vocab)
             log.info("training a %d-piece SentencePiece tokenizer on %s", vocab, train)
