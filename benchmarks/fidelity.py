@@ -51,7 +51,7 @@ def main() -> None:
     out = Path(args.out or work / "out")
     out.mkdir(parents=True, exist_ok=True)
     chain = Chain(
-        teacher_steps=args.teacher_steps, qat_steps=args.qat_steps, qat_lr=args.qat_lr,
+        teacher_steps=args.teacher_steps, qat_steps=args.qat_steps, qat_lr=args.qat_lr, qat_batch=None,
         overrides=(f"model.name={args.model}", f"data.seq_len={args.seq}", f"data.global_batch_size={args.batch}",
                    f"data.corpus_bytes={args.corpus_mb << 20}", f"data.corpus_site_packages={not args.stdlib_only}",
                    f"data.tokenizer_vocab={args.vocab}",

@@ -28,7 +28,9 @@ from pathlib import Path
 # has prepared it.
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
-TEACHER_STEPS, QAT_STEPS = 400, 200
+# Sized for six minutes on 2 cores (README): the teacher's steps dominate; each QAT student takes
+# half the teacher's rows per step, enough to beat its PTQ baseline clearly (tests/test_demo.py).
+TEACHER_STEPS, QAT_STEPS, QAT_BATCH = 250, 150, 8
 STAGES = 7
 
 
@@ -40,10 +42,11 @@ class Chain:
     teacher_steps: int | None = None
     qat_steps: int | None = None
     qat_lr: float = 1e-4
+    qat_batch: int | None = QAT_BATCH  # rows per QAT step; None = the teacher's (from overrides / demo.toml)
     overrides: tuple[str, ...] = ()  # for every training stage: model, data, batch, dtypes
     eval_seq: int = 128
     eval_batch: int = 8
-    eval_batches: int = 16
+    eval_batches: int = 10
     calib_batches: int = 4  # of eval_batch × eval_seq tokens, for the mobile PTQ baseline's activation scales
 
     @property
@@ -103,7 +106,8 @@ def _distill(work: Path, stage: str, recipe: str, teacher_dir: Path, data_dir: P
         f"model.name={teacher_dir}", f"teacher.checkpoint={teacher_dir}", f"quant.recipe={recipe}",
         f"data.spec=jsonl:{data_dir / 'train.jsonl'}", f"data.tokenizer={tokenizer}", f"data.seed={seed}",
         "distill.alpha=0.0", f"optimizer.lr={chain.qat_lr}", f"optimizer.warmup_steps={min(10, chain.qat // 4)}",
-        f"optimizer.total_steps={chain.qat}"], chain)
+        f"optimizer.total_steps={chain.qat}",
+        *([f"data.global_batch_size={chain.qat_batch}"] if chain.qat_batch else [])], chain)
 
 
 def run_demo(work: Path, *, fresh: bool = False, chain: Chain = Chain()) -> int:
