@@ -12,10 +12,11 @@ from gemma_qat.cli import demo
 def test_demo_runs_every_stage_and_reuses_them(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "TEACHER_STEPS", 40)
     monkeypatch.setattr(demo, "QAT_STEPS", 20)
-    assert demo.run_demo(tmp_path) == 0
+    # As `gemma-qat demo` runs it: the two QAT students in two spawned processes at once.
+    assert demo.run_demo(tmp_path, chain=demo.Chain(parallel_qat=True)) == 0
     for path in ("teacher/model/model_config.json", "qat/model/meta.json", "ptq-q4_0/params",
                  "exports/student-q4_0/export.json", "exports/student-q4_0.gguf",
-                 "qat-mobile/model/quant_scales.json", "exports/teacher-mobile/export.json",
+                 "qat-mobile/model/quant_scales.json", "qat/train.log", "exports/teacher-mobile/export.json",
                  "exports/student-mobile/export.json", "report/report.md", "report/ptq_vs_qat.png"):
         assert (tmp_path / path).exists(), path
     rows = {r["name"]: r for r in json.loads((tmp_path / "report" / "results.json").read_text())["rows"]}

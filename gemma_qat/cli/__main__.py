@@ -5,4 +5,5 @@ import sys
 
 from gemma_qat.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # a spawned worker (the demo's parallel stages) imports, never runs, this
+    sys.exit(main())

@@ -48,6 +48,9 @@ class Chain:
     eval_batch: int = 8
     eval_batches: int = 10
     calib_batches: int = 4  # of eval_batch × eval_seq tokens, for the mobile PTQ baseline's activation scales
+    # The two QAT students in two processes at once: on a CPU their compiles and tracing (single-threaded,
+    # a third of each stage) overlap. One process on a GPU (two would each reserve its memory).
+    parallel_qat: bool = False
 
     @property
     def teacher(self) -> int:
@@ -66,7 +69,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    return run_demo(Path(args.workdir), fresh=args.fresh)
+    return run_demo(Path(args.workdir), fresh=args.fresh, chain=Chain(parallel_qat=True))
 
 
 class _Stage:
@@ -110,6 +113,48 @@ def _distill(work: Path, stage: str, recipe: str, teacher_dir: Path, data_dir: P
         *([f"data.global_batch_size={chain.qat_batch}"] if chain.qat_batch else [])], chain)
 
 
+def _distill_worker(log: str, args: tuple, chain: Chain) -> float:
+    """One QAT stage in a spawned process, its output to `log`; returns its seconds."""
+    import os
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush(), sys.stderr.flush()
+    os.dup2(fd, 1), os.dup2(fd, 2)  # the fds, so XLA's and absl's C++ logging land there too
+    t0 = time.perf_counter()
+    *positional, seed = args
+    _distill(*positional, seed=seed, chain=chain)
+    return time.perf_counter() - t0
+
+
+def _distill_in_parallel(work: Path, todo: list, teacher_dir: Path, data_dir: Path, tokenizer: Path,
+                         chain: Chain) -> None:
+    """Both QAT stages at once, each in a spawned process (a fresh JAX) with its log in its run folder."""
+    import concurrent.futures
+    import multiprocessing
+
+    # The step counts as numbers: a spawned process re-imports this module and sees its defaults.
+    chain = dataclasses.replace(chain, teacher_steps=chain.teacher, qat_steps=chain.qat)
+    logs = {}
+    for n, title, output, key, stage, recipe, seed in todo:
+        (work / stage).mkdir(parents=True, exist_ok=True)
+        logs[key] = work / stage / "train.log"
+        print(f"\n[{n}/{STAGES}] {title}  (in parallel; log: {logs[key]})", flush=True)
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=len(todo), mp_context=ctx) as pool:
+        futures = {key: pool.submit(_distill_worker, str(logs[key]),
+                                    (work, stage, recipe, teacher_dir, data_dir, tokenizer, seed), chain)
+                   for n, title, output, key, stage, recipe, seed in todo}
+        for n, title, output, key, stage, recipe, seed in todo:
+            try:
+                dt = futures[key].result()
+            except Exception as e:
+                tail = "".join(logs[key].read_text(errors="replace").splitlines(True)[-20:])
+                raise RuntimeError(f"QAT stage {stage!r} failed ({e}); the end of {logs[key]}:\n{tail}") from e
+            steps = [ln for ln in logs[key].read_text(errors="replace").splitlines() if ln.startswith("step ")]
+            print(f"      [{n}/{STAGES}] {steps[-1] if steps else ''}\n      {dt:.1f}s → {output}", flush=True)
+            f = work / "stages.json"
+            f.write_text(json.dumps({**(json.loads(f.read_text()) if f.exists() else {}), key: dt}, indent=1))
+
+
 def run_demo(work: Path, *, fresh: bool = False, chain: Chain = Chain()) -> int:
     """Runs (or resumes) the chain in `work`; each stage's seconds go to work/stages.json as it finishes."""
     from gemma_qat.eval.report import format_table
@@ -132,18 +177,21 @@ def run_demo(work: Path, *, fresh: bool = False, chain: Chain = Chain()) -> int:
     s.finish()
     tokenizer = data_dir / "tokenizer.model"
 
-    qat_dir = work / "qat" / FINAL_MODEL_DIR
-    s = _Stage(2, f"QAT: Q4_0 student distilled from the frozen teacher ({chain.qat} steps)", qat_dir, work, "qat-q4_0")
-    if not s.done:
-        _distill(work, "qat", "q4_0", teacher_dir, data_dir, tokenizer, seed=1, chain=chain)
-    s.finish()
-
-    mobile_dir = work / "qat-mobile" / FINAL_MODEL_DIR
-    s = _Stage(3, f"QAT: mobile student (int4/int2 weights, int8 activations) distilled through AQT "
-                  f"({chain.qat} steps)", mobile_dir, work, "qat-mobile")
-    if not s.done:
-        _distill(work, "qat-mobile", "mobile", teacher_dir, data_dir, tokenizer, seed=2, chain=chain)
-    s.finish()
+    qat_dir, mobile_dir = work / "qat" / FINAL_MODEL_DIR, work / "qat-mobile" / FINAL_MODEL_DIR
+    students = [  # (stage number, title, output, stages.json key, run folder, recipe, data seed)
+        (2, f"QAT: Q4_0 student distilled from the frozen teacher ({chain.qat} steps)", qat_dir, "qat-q4_0", "qat",
+         "q4_0", 1),
+        (3, f"QAT: mobile student (int4/int2 weights, int8 activations) distilled through AQT ({chain.qat} steps)",
+         mobile_dir, "qat-mobile", "qat-mobile", "mobile", 2)]
+    todo = [x for x in students if not x[2].exists()]
+    if chain.parallel_qat and len(todo) == 2:
+        _distill_in_parallel(work, todo, teacher_dir, data_dir, tokenizer, chain)
+    else:
+        for n, title, output, key, stage, recipe, seed in students:
+            s = _Stage(n, title, output, work, key)
+            if not s.done:
+                _distill(work, stage, recipe, teacher_dir, data_dir, tokenizer, seed=seed, chain=chain)
+            s.finish()
 
     config, teacher_params = load_model(teacher_dir)
     ptq_dir = work / "ptq-q4_0"
