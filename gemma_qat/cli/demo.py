@@ -85,8 +85,7 @@ class _Stage:
         dt = time.perf_counter() - self.t0
         print(f"      {dt:.1f}s → {self.output}", flush=True)
         if not self.done:
-            f = self.work / "stages.json"
-            f.write_text(json.dumps({**(json.loads(f.read_text()) if f.exists() else {}), self.key: dt}, indent=1))
+            _record(self.work, self.key, dt)
 
 
 def _train(work: Path, stage: str, overrides: list[str], chain: Chain) -> Path:
@@ -113,16 +112,21 @@ def _distill(work: Path, stage: str, recipe: str, teacher_dir: Path, data_dir: P
         *([f"data.global_batch_size={chain.qat_batch}"] if chain.qat_batch else [])], chain)
 
 
-def _distill_worker(log: str, args: tuple, chain: Chain) -> float:
+def _distill_worker(log: str, work: Path, stage: str, recipe: str, teacher_dir: Path, data_dir: Path,
+                    tokenizer: Path, seed: int, chain: Chain) -> float:
     """One QAT stage in a spawned process, its output to `log`; returns its seconds."""
     import os
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sys.stdout.flush(), sys.stderr.flush()
     os.dup2(fd, 1), os.dup2(fd, 2)  # the fds, so XLA's and absl's C++ logging land there too
     t0 = time.perf_counter()
-    *positional, seed = args
-    _distill(*positional, seed=seed, chain=chain)
+    _distill(work, stage, recipe, teacher_dir, data_dir, tokenizer, seed=seed, chain=chain)
     return time.perf_counter() - t0
+
+
+def _record(work: Path, key: str, seconds: float) -> None:
+    f = work / "stages.json"
+    f.write_text(json.dumps({**(json.loads(f.read_text()) if f.exists() else {}), key: seconds}, indent=1))
 
 
 def _distill_in_parallel(work: Path, todo: list, teacher_dir: Path, data_dir: Path, tokenizer: Path,
@@ -140,8 +144,8 @@ def _distill_in_parallel(work: Path, todo: list, teacher_dir: Path, data_dir: Pa
         print(f"\n[{n}/{STAGES}] {title}  (in parallel; log: {logs[key]})", flush=True)
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=len(todo), mp_context=ctx) as pool:
-        futures = {key: pool.submit(_distill_worker, str(logs[key]),
-                                    (work, stage, recipe, teacher_dir, data_dir, tokenizer, seed), chain)
+        futures = {key: pool.submit(_distill_worker, str(logs[key]), work, stage, recipe, teacher_dir, data_dir,
+                                    tokenizer, seed, chain)
                    for n, title, output, key, stage, recipe, seed in todo}
         for n, title, output, key, stage, recipe, seed in todo:
             try:
@@ -151,8 +155,7 @@ def _distill_in_parallel(work: Path, todo: list, teacher_dir: Path, data_dir: Pa
                 raise RuntimeError(f"QAT stage {stage!r} failed ({e}); the end of {logs[key]}:\n{tail}") from e
             steps = [ln for ln in logs[key].read_text(errors="replace").splitlines() if ln.startswith("step ")]
             print(f"      [{n}/{STAGES}] {steps[-1] if steps else ''}\n      {dt:.1f}s → {output}", flush=True)
-            f = work / "stages.json"
-            f.write_text(json.dumps({**(json.loads(f.read_text()) if f.exists() else {}), key: dt}, indent=1))
+            _record(work, key, dt)
 
 
 def run_demo(work: Path, *, fresh: bool = False, chain: Chain = Chain()) -> int:
