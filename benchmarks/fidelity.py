@@ -15,6 +15,9 @@ budget (--qat-steps × batch × seq) from the frozen teacher. The rows (gemma_qa
 KL p99 / p99.9, top-1 agreement, recovery of the PTQ gap) and each stage's seconds and tokens/s go to
 OUT/fidelity.json and OUT/fidelity.md, the report's plots (KL vs step beside each PTQ baseline) to OUT.
 Stages reuse finished outputs in --work, so a run cut by a time limit continues where it stopped.
+The GGUF row needs `llama_cpp` importable; on a machine without a compiler or internet, a built
+llama-cpp-python package folder (ctypes over its own shared libraries, so not tied to the Python minor
+version; built for AVX2 it runs on any recent x86-64) can travel on PYTHONPATH.
 """
 
 from __future__ import annotations
