@@ -21,6 +21,7 @@ import json
 import shutil
 import sys
 import time
+import typing
 from pathlib import Path
 
 # The library is imported inside the functions, as in every command module: building the parser
@@ -129,33 +130,43 @@ def _record(work: Path, key: str, seconds: float) -> None:
     f.write_text(json.dumps({**(json.loads(f.read_text()) if f.exists() else {}), key: seconds}, indent=1))
 
 
-def _distill_in_parallel(work: Path, todo: list, teacher_dir: Path, data_dir: Path, tokenizer: Path,
+class _Student(typing.NamedTuple):
+    n: int  # stage number
+    title: str
+    stage: str  # run folder under the work dir
+    key: str  # in stages.json
+    recipe: str
+    seed: int  # of the data order
+
+
+def _distill_in_parallel(work: Path, todo: list[_Student], teacher_dir: Path, data_dir: Path, tokenizer: Path,
                          chain: Chain) -> None:
     """Both QAT stages at once, each in a spawned process (a fresh JAX) with its log in its run folder."""
     import concurrent.futures
     import multiprocessing
 
+    from gemma_qat.train.loop import FINAL_MODEL_DIR
+
     # The step counts as numbers: a spawned process re-imports this module and sees its defaults.
     chain = dataclasses.replace(chain, teacher_steps=chain.teacher, qat_steps=chain.qat)
-    logs = {}
-    for n, title, output, key, stage, recipe, seed in todo:
-        (work / stage).mkdir(parents=True, exist_ok=True)
-        logs[key] = work / stage / "train.log"
-        print(f"\n[{n}/{STAGES}] {title}  (in parallel; log: {logs[key]})", flush=True)
+    log = lambda x: work / x.stage / "train.log"  # noqa: E731
+    for x in todo:
+        (work / x.stage).mkdir(parents=True, exist_ok=True)
+        print(f"\n[{x.n}/{STAGES}] {x.title}  (in parallel; log: {log(x)})", flush=True)
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=len(todo), mp_context=ctx) as pool:
-        futures = {key: pool.submit(_distill_worker, str(logs[key]), work, stage, recipe, teacher_dir, data_dir,
-                                    tokenizer, seed, chain)
-                   for n, title, output, key, stage, recipe, seed in todo}
-        for n, title, output, key, stage, recipe, seed in todo:
+        futures = [pool.submit(_distill_worker, str(log(x)), work, x.stage, x.recipe, teacher_dir, data_dir,
+                               tokenizer, x.seed, chain) for x in todo]
+        for x, future in zip(todo, futures):
             try:
-                dt = futures[key].result()
+                dt = future.result()
             except Exception as e:
-                tail = "".join(logs[key].read_text(errors="replace").splitlines(True)[-20:])
-                raise RuntimeError(f"QAT stage {stage!r} failed ({e}); the end of {logs[key]}:\n{tail}") from e
-            steps = [ln for ln in logs[key].read_text(errors="replace").splitlines() if ln.startswith("step ")]
-            print(f"      [{n}/{STAGES}] {steps[-1] if steps else ''}\n      {dt:.1f}s → {output}", flush=True)
-            _record(work, key, dt)
+                tail = "".join(log(x).read_text(errors="replace").splitlines(True)[-20:])
+                raise RuntimeError(f"QAT stage {x.stage!r} failed ({e}); the end of {log(x)}:\n{tail}") from e
+            steps = [ln for ln in log(x).read_text(errors="replace").splitlines() if ln.startswith("step ")]
+            print(f"      [{x.n}/{STAGES}] {steps[-1] if steps else ''}\n      {dt:.1f}s → "
+                  f"{work / x.stage / FINAL_MODEL_DIR}", flush=True)
+            _record(work, x.key, dt)
 
 
 def run_demo(work: Path, *, fresh: bool = False, chain: Chain = Chain()) -> int:
@@ -181,19 +192,19 @@ def run_demo(work: Path, *, fresh: bool = False, chain: Chain = Chain()) -> int:
     tokenizer = data_dir / "tokenizer.model"
 
     qat_dir, mobile_dir = work / "qat" / FINAL_MODEL_DIR, work / "qat-mobile" / FINAL_MODEL_DIR
-    students = [  # (stage number, title, output, stages.json key, run folder, recipe, data seed)
-        (2, f"QAT: Q4_0 student distilled from the frozen teacher ({chain.qat} steps)", qat_dir, "qat-q4_0", "qat",
-         "q4_0", 1),
-        (3, f"QAT: mobile student (int4/int2 weights, int8 activations) distilled through AQT ({chain.qat} steps)",
-         mobile_dir, "qat-mobile", "qat-mobile", "mobile", 2)]
-    todo = [x for x in students if not x[2].exists()]
+    students = [
+        _Student(2, f"QAT: Q4_0 student distilled from the frozen teacher ({chain.qat} steps)", "qat", "qat-q4_0",
+                 "q4_0", 1),
+        _Student(3, f"QAT: mobile student (int4/int2 weights, int8 activations) distilled through AQT "
+                    f"({chain.qat} steps)", "qat-mobile", "qat-mobile", "mobile", 2)]
+    todo = [x for x in students if not (work / x.stage / FINAL_MODEL_DIR).exists()]
     if chain.parallel_qat and len(todo) == 2:
         _distill_in_parallel(work, todo, teacher_dir, data_dir, tokenizer, chain)
     else:
-        for n, title, output, key, stage, recipe, seed in students:
-            s = _Stage(n, title, output, work, key)
+        for x in students:
+            s = _Stage(x.n, x.title, work / x.stage / FINAL_MODEL_DIR, work, x.key)
             if not s.done:
-                _distill(work, stage, recipe, teacher_dir, data_dir, tokenizer, seed=seed, chain=chain)
+                _distill(work, x.stage, x.recipe, teacher_dir, data_dir, tokenizer, seed=x.seed, chain=chain)
             s.finish()
 
     config, teacher_params = load_model(teacher_dir)

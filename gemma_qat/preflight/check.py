@@ -33,7 +33,7 @@ from gemma_qat import devices, sharding
 from gemma_qat.model import checkpoint, scan
 from gemma_qat.model.config import get_config
 from gemma_qat.model.params import abstract_params, logical_axes
-from gemma_qat.preflight import compilers, hlo, layout, memory as preflight_memory, performance
+from gemma_qat.preflight import compilers, layout, memory as preflight_memory, performance
 from gemma_qat.preflight.report import Report, TensorRow, size
 from gemma_qat.preflight.topologies import Topology, parse
 from gemma_qat.quant.policy import RecipePolicy, check_q4_0_blocks, placeholder_scales
@@ -210,24 +210,23 @@ def _check_arguments(plan, compiled, who: str, report: Report) -> None:
     expected = collections.Counter((_HLO_DTYPES[str(a.dtype)], tuple(a.sharding.shard_shape(a.shape))) for a in leaves)
     got = collections.Counter((d, dims) for d, dims, _, _ in arrays)
     missing, extra = expected - got, got - expected
-    logical, stored = sum(a[2] for a in arrays), sum(a[3] for a in arrays)
+    logical, stored, sized = sum(a[2] for a in arrays), sum(a[3] for a in arrays), _nbytes(leaves)
     report.layout_padding = stored - logical
+    shapes = lambda items: ", ".join(f"{d}[{','.join(map(str, s))}] ×{n}" for (d, s), n in items)  # noqa: E731
     if missing:
-        shown = ", ".join(f"{d}[{','.join(map(str, s))}] ×{n}" for (d, s), n in list(missing.items())[:4])
         report.problems.append(f"the {who} has no entry parameter for {sum(missing.values())} of the arrays "
-                               f"preflight sized ({shown}); it receives {logical:,} bytes of arguments per device, "
-                               f"preflight sized {_nbytes(leaves):,}: the exact rows are wrong for this program")
+                               f"preflight sized ({shapes(list(missing.items())[:4])}); "
+                               f"it receives {logical:,} bytes of arguments per device, preflight sized {sized:,}: "
+                               "the exact rows are wrong for this program")
         return
     if stored != report.compiled["argument_size"]:
         report.notes.append(f"argument buffers {report.compiled['argument_size']:,} B vs {stored:,} B from the "
                             "entry layouts: the tiling rule in preflight/layout.py missed something")
         return
     pad = f" + {size(stored - logical)} of tile padding" if stored > logical else ""
-    own = ""
-    if extra:
-        own_bytes = sum(math.prod(s) * hlo.dtype_bytes(d) * n for (d, s), n in extra.items())
-        kinds = ", ".join(f"{d}[{','.join(map(str, s))}] ×{n}" for (d, s), n in extra.items())
-        own = f" + {sum(extra.values())} parameters of the compiler's own ({own_bytes:,} B: {kinds})"
+    # Every sized array has its parameter, so what the entry holds beyond the sized bytes is the extras'.
+    own = (f" + {sum(extra.values())} parameters of the compiler's own ({logical - sized:,} B: {shapes(extra.items())})"
+           if extra else "")
     report.checks.append(f"{who}: argument buffers = exact rows + batch{own}{pad}, to the byte")
 
 
