@@ -45,7 +45,18 @@ def single_gpu_cc_major() -> int | None:
     several (a Pallas call is opaque to XLA's SPMD partitioner, which gathers its whole input to every
     device: a one-GPU host compiling for 8xH100 would otherwise cost a kernel that no cluster runs), or a
     GPU without a CUDA capability (ROCm)."""
-    if platform() != "gpu" or jax.default_backend() != "gpu" or jax.device_count() != 1 or active_mesh_devices() > 1:
+    if jax.device_count() != 1 or active_mesh_devices() > 1:
+        return None
+    return per_device_gpu_cc_major()
+
+
+def per_device_gpu_cc_major() -> int | None:
+    """The same for a computation that runs on each device on its own (inside a shard_map, where every
+    operand is one device's and a Pallas call needs no partitioning), under a mesh of any size: the
+    capability of the GPUs this process compiles with, None off a GPU. A topology compile from a GPU
+    host takes the attached GPU's capability for the target's (preflight's GPU targets, H100 and H200,
+    are both Hopper, 9)."""
+    if platform() != "gpu" or jax.default_backend() != "gpu":
         return None
     cc = str(getattr(jax.devices()[0], "compute_capability", ""))
     try:

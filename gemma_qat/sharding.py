@@ -138,3 +138,19 @@ def activate(mesh: Mesh, parallelism: str) -> Iterator[None]:
     mesh_ctx = jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
     with mesh_ctx, nn.logical_axis_rules(rules(parallelism)):
         yield
+
+
+def varying_axes(a: jax.Array) -> set[str]:
+    """The mesh axes a value varies over inside a shard_map (none outside one): `aval.mat.varying` on
+    jax ≥ 0.10, `aval.vma` before."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "mat", None)
+    return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()) or ())
+
+
+def vary(a: jax.Array, axes) -> jax.Array:
+    """`a` typed as varying over `axes` too (values unchanged); the axes must be ones it is invariant over."""
+    axes = tuple(sorted(axes))
+    if not axes:
+        return a
+    return jax.lax.pcast(a, axes, to="varying") if hasattr(jax.lax, "pcast") else jax.lax.pvary(a, axes)

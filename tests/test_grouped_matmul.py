@@ -110,6 +110,33 @@ def test_transposed_weights_give_the_same_product(impl):
         grouped_matmul(x, w_nk, gs, impl="dense", transpose_w=True)
 
 
+def test_kernel_vjp_inside_a_shard_map_types_its_results_like_its_operands():
+    """Inside a shard_map (the MoE's experts under a mesh) a Pallas call's result has no varying-axes
+    type, and the custom VJP's gradients must have their inputs' (26B-A4B on 4x8xH100 stopped there).
+    Stand-in kernels that return such results: ragged_dot on operands equal on every device, averaged
+    over the mesh (an invariant value). Values and gradients equal ragged_dot's."""
+    from jax.sharding import PartitionSpec as P
+    mesh = jax.make_mesh((2, 4), ("data", "expert"))
+    axes = ("data", "expert")
+    invariant = lambda f: lambda *a: jax.lax.psum(f(*a).astype(jnp.float32), axes).astype(f(*a).dtype) / 8  # noqa: E731
+    kernels = GM.GroupedKernels(*map(invariant, GM.reference_kernels()))
+    sizes = jnp.array([3, 0, 5, 1], jnp.int32)
+    ks = jax.random.split(jax.random.PRNGKey(5), 3)
+    x, w = jax.random.normal(ks[0], (9, 16)), jax.random.normal(ks[1], (4, 16, 8))
+
+    def local(x, w):  # both typed as varying over the mesh, as the MoE's routed rows and gathered experts are
+        x, w = (jax.lax.pcast(a, axes, to="varying") if hasattr(jax.lax, "pcast") else jax.lax.pvary(a, axes)
+                for a in (x, w))
+        return GM.kernel_grouped_matmul(x, w, sizes, kernels)[None]
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=(P(), P()), out_specs=P(axes))
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+    got = jax.jit(jax.value_and_grad(loss(lambda x, w: jnp.mean(f(x, w), axis=0)), argnums=(0, 1)))(x, w)
+    ref = jax.value_and_grad(loss(lambda x, w: jax.lax.ragged_dot(x, w, sizes)), argnums=(0, 1))(x, w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
 def test_auto_picks_the_kernels_only_on_one_hopper_gpu(fake_devices):
     world = fake_devices
     world("tpu")
@@ -121,8 +148,14 @@ def test_auto_picks_the_kernels_only_on_one_hopper_gpu(fake_devices):
     assert GM.auto_impl(2816, 1400) == "blocked"  # N not a multiple of the 64-wide tiles
     world("gpu", count=8)
     assert GM.auto_impl(2816, 1408) == "blocked"  # the SPMD partitioner cannot split a Pallas call
+    # Inside a shard_map (the MoE's experts under a mesh) each device runs its own call: the kernels.
+    assert GM.auto_impl(2816, 1408, per_device=True) == "kernel"
+    assert GM.auto_impl(2816, 1400, per_device=True) == "blocked"
     world("gpu", cc="8.0")
     assert GM.auto_impl(2816, 1408) == "blocked"  # the kernels use Hopper's wgmma
+    assert GM.auto_impl(2816, 1408, per_device=True) == "blocked"
+    world("cpu", count=8)
+    assert GM.auto_impl(2816, 1408, per_device=True) == "blocked"
 
 
 def test_auto_follows_the_platform_the_step_is_compiled_for(fake_devices):

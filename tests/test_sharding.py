@@ -115,6 +115,30 @@ def test_moe_routes_each_devices_rows_locally():
     assert {(e // 2, 2, f // 2, d // 2), (e // 2, f // 2, d // 2)} <= scattered, scattered
 
 
+def test_moe_experts_under_a_mesh_may_take_the_per_device_kernels(monkeypatch):
+    """Inside the MoE's shard_map each device multiplies its own rows, so the grouped matmul is told it
+    runs per device (`auto` may then pick the Hopper kernels under any mesh: grouped_matmul.auto_impl);
+    without a mesh it keeps the one-device rule."""
+    from gemma_qat.model import moe
+    from gemma_qat.model.layers import NoQuant
+
+    seen = []
+    real = moe.grouped_matmul
+    monkeypatch.setattr(moe, "grouped_matmul", lambda *a, **kw: seen.append(kw["per_device"]) or real(*a, **kw))
+    cfg = get_config("tiny-26b-a4b")
+    layer = moe.MoE(d_model=cfg.d_model, num_experts=cfg.num_experts, top_k=cfg.top_k_experts,
+                    hidden=cfg.expert_ffn_dim, quant=NoQuant())
+    x = jnp.zeros((8, 16, cfg.d_model))
+    params = jax.eval_shape(layer.init, jax.random.PRNGKey(1), x, x)
+    seen.clear()
+    jax.eval_shape(layer.apply, params, x, x)
+    assert seen == [False, False]  # the gate/up and the down projection
+    mc = sharding.MeshConfig(fsdp=2, tensor=2, expert=2, parallelism="fsdp_tp_ep")
+    with sharding.activate(sharding.make_mesh(mc), mc.parallelism):
+        jax.eval_shape(layer.apply, params, x, x)
+    assert seen == [False, False, True, True]
+
+
 def test_loss_gathers_the_head_tables_once_and_reduces_their_gradient_once():
     """The fused distillation loss under fsdp 4 × tensor 2: equal to the unsharded loss and gradients, and
     the head tables are gathered before the chunk loop (loss/fused.py _GATHERED_TABLE_AXES), once. The GPU

@@ -173,6 +173,7 @@ def test_cli_train_rejects_non_finite_floats_in_one_line(capsys, tmp_path, overr
     ("quant.backend=torchao", "['auto', 'formats', 'aqt']"),
     ("distill.loss_impl=cuda", "['auto', 'xla', 'pallas']"),
     ("attention=flash", "['xla', 'cudnn', 'splash', 'auto']"),
+    ("grouped=dense", "['ragged', 'blocked', 'kernel', 'auto']"),
     ("remat=some", "['none', 'full', 'dots', 'weights']"),
     ("mesh.parallelism=zero3", "['fsdp', 'fsdp_tp', 'fsdp_tp_ep']"),
 ])

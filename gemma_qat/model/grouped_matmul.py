@@ -41,8 +41,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gemma_qat import devices
-from gemma_qat.devices import single_gpu_cc_major
+from gemma_qat import devices, sharding
+from gemma_qat.devices import per_device_gpu_cc_major, single_gpu_cc_major
 
 Array = jax.Array
 GROUPED_IMPLS = ("ragged", "blocked", "kernel", "auto")
@@ -50,18 +50,20 @@ KERNEL_DIM_MULTIPLE = 64  # every tile edge of the Hopper kernels below divides 
 
 
 def grouped_matmul(x: Array, w: Array, group_sizes: Array, *, impl: str = "auto", block: int = 128,
-                   preferred_element_type=jnp.float32, transpose_w: bool = False) -> Array:
+                   preferred_element_type=jnp.float32, transpose_w: bool = False, per_device: bool = False) -> Array:
     """x [M, K] (rows sorted by group), w [G, K, N] ([G, N, K] with `transpose_w`), group_sizes [G] int
     (sum M) → [M, N].
 
     impl "ragged": jax.lax.ragged_dot. "blocked": the padded-block form above. "kernel": the Hopper
     Pallas kernels (bf16 result). "auto": ragged on TPU, where it is native; the kernels on one Hopper GPU
     when K and N are multiples of 64; blocked elsewhere (a Pallas call is opaque to XLA's SPMD
-    partitioner, so under a multi-device mesh the blocked form, which XLA partitions, is kept)."""
+    partitioner, so under a multi-device mesh the blocked form, which XLA partitions, is kept, unless
+    `per_device`: the caller runs inside a shard_map, its operands one device's, where the kernels serve
+    under a mesh of any size)."""
     if impl not in GROUPED_IMPLS:
         raise ValueError(f"unknown grouped matmul impl {impl!r}; use one of {GROUPED_IMPLS}")
     if impl == "auto":
-        impl = auto_impl(x.shape[1], w.shape[1] if transpose_w else w.shape[2])
+        impl = auto_impl(x.shape[1], w.shape[1] if transpose_w else w.shape[2], per_device=per_device)
     if impl == "kernel":
         bf16 = jnp.bfloat16
         kernels = for_nk_weights(mgpu_kernels()) if transpose_w else mgpu_kernels()
@@ -88,10 +90,11 @@ def grouped_matmul(x: Array, w: Array, group_sizes: Array, *, impl: str = "auto"
     return yp.reshape(nb * block, n)[slot]  # [M, N]
 
 
-def auto_impl(k: int, n: int) -> str:
+def auto_impl(k: int, n: int, *, per_device: bool = False) -> str:
     if devices.platform() == "tpu":  # the target's, also when preflight compiles for a TPU from a CPU host
         return "ragged"
-    if single_gpu_cc_major() == 9 and k % KERNEL_DIM_MULTIPLE == 0 and n % KERNEL_DIM_MULTIPLE == 0:
+    cc = per_device_gpu_cc_major() if per_device else single_gpu_cc_major()
+    if cc == 9 and k % KERNEL_DIM_MULTIPLE == 0 and n % KERNEL_DIM_MULTIPLE == 0:
         return "kernel"  # the kernels use Hopper's wgmma
     return "blocked"
 
@@ -106,19 +109,28 @@ class GroupedKernels(NamedTuple):
     tdot: Callable
 
 
+def _typed_like(out: Array, *like: Array) -> Array:
+    """A kernel's result typed as varying over every mesh axis its operands vary over. Inside a shard_map
+    a Pallas call's result carries no varying-axes type; the custom VJP's gradients must match their
+    inputs' types, and its output the operands' (26B-A4B's MoE under a mesh, model/moe.py)."""
+    return sharding.vary(out, set().union(*map(sharding.varying_axes, like)) - sharding.varying_axes(out))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def kernel_grouped_matmul(x: Array, w: Array, group_sizes: Array, kernels: GroupedKernels) -> Array:
-    return kernels.dot(x, w, group_sizes)
+    return _typed_like(kernels.dot(x, w, group_sizes), x, w)
 
 
 def _kgm_fwd(x, w, group_sizes, kernels):
-    return kernels.dot(x, w, group_sizes), (x, w, group_sizes)
+    return _typed_like(kernels.dot(x, w, group_sizes), x, w), (x, w, group_sizes)
 
 
 def _kgm_bwd(kernels, res, dy):
     x, w, group_sizes = res
     dy = dy.astype(x.dtype)
-    return kernels.dot_t(dy, w, group_sizes), kernels.tdot(x, dy, group_sizes).astype(w.dtype), None
+    dx = _typed_like(kernels.dot_t(dy, w, group_sizes), x)
+    dw = _typed_like(kernels.tdot(x, dy, group_sizes).astype(w.dtype), w)
+    return dx, dw, None
 
 
 kernel_grouped_matmul.defvjp(_kgm_fwd, _kgm_bwd)

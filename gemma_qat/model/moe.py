@@ -67,7 +67,7 @@ class MoE(nn.Module):
         ex, emb, ffn = (sharding.mesh_axes(a) for a in ("expert", "embed", "expert_mlp"))
         spec = jax.sharding.PartitionSpec
         local = jax.shard_map(
-            functools.partial(_experts, grouped=self.grouped, tensor_axes=ffn, gather_axes=(ex, emb)),
+            functools.partial(_experts, grouped=self.grouped, tensor_axes=ffn, gather_axes=(ex, emb), per_device=True),
             in_specs=(spec(rows), spec(rows), spec(rows), spec(ex or None, None, ffn or None, emb or None),
                       spec(ex or None, ffn or None, emb or None)),
             out_specs=spec(rows))
@@ -75,18 +75,22 @@ class MoE(nn.Module):
 
 
 def _experts(x: Array, top_i: Array, top_w: Array, w_gu: Array, w_down: Array, *, grouped: str,
-             tensor_axes: tuple[str, ...], gather_axes: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())) -> Array:
+             tensor_axes: tuple[str, ...], gather_axes: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
+             per_device: bool = False) -> Array:
     """x [B, T, D], top_i / top_w [B, T, k], w_gu [E, 2, F, D], w_down [E, F, D] → [B, T, D]. Inside a
-    shard_map: F split over `tensor_axes` (the down projection's partial sums are added over them), and
-    the weights' shards of E and D gathered over `gather_axes` = (expert axes, embed axes)."""
+    shard_map (`per_device`): F split over `tensor_axes` (the down projection's partial sums are added over
+    them), the weights' shards of E and D gathered over `gather_axes` = (expert axes, embed axes), and the
+    grouped matmuls free to be the Hopper kernels under any mesh: XLA's blocked form kept a padded copy of
+    the routed rows per layer and gathered an expert matrix per row block (26B-A4B on 4x8xH100: 74 GiB of
+    temporaries, launch/README.md)."""
     ex, emb = gather_axes
     if tensor_axes:
         # Marked varying over tensor here, before the rows are copied k-fold: the backward then adds the
         # input's partial gradients over tensor on [BT, D], not on the routed [BT·k, D].
-        x = _vary(x, tensor_axes)
+        x = sharding.vary(x, tensor_axes)
     # The weight shards vary over the rows' axes too (data), before the gather: their gradients are then
     # summed over data on the shard, after the reduce-scatter; and tie_gradients sees one type in and out.
-    w_gu, w_down = (_vary(w, _vma(x) - _vma(w)) for w in (w_gu, w_down))
+    w_gu, w_down = (sharding.vary(w, sharding.varying_axes(x) - sharding.varying_axes(w)) for w in (w_gu, w_down))
     if ex or emb:
         # The shards' gradients (the reduce-scatters that transpose the gathers below) leave with the
         # input's: without this the compiler kept every layer's full-size bf16 expert-weight gradients
@@ -112,31 +116,16 @@ def _experts(x: Array, top_i: Array, top_w: Array, w_gu: Array, w_down: Array, *
     # gradient reduce-scatter, keeping every layer's routed rows and their cotangents live at once
     # (v5p-128: 36 GiB of a 49.7 GiB temp, launch/README.md).
     xs, w_gu = tie_gradients(xs, w_gu)
-    gu = grouped_matmul(xs, w_gu, group_sizes, impl=grouped, transpose_w=True).astype(x.dtype)
+    gu = grouped_matmul(xs, w_gu, group_sizes, impl=grouped, transpose_w=True, per_device=per_device).astype(x.dtype)
     h = gelu_tanh(gu[:, :f]) * gu[:, f:]  # [BT·k, F]
     h, w_down = tie_gradients(h, w_down)
-    ys = grouped_matmul(h, w_down, group_sizes, impl=grouped)  # [BT·k, D], expert order
+    ys = grouped_matmul(h, w_down, group_sizes, impl=grouped, per_device=per_device)  # [BT·k, D], expert order
     ys = gather_rows(ys, inv, order, 1).reshape(b * t, k, d)  # [BT, k, D], token order
     # A multiply and a k-sum (one fusion), not an einsum: XLA would make a K = 8 batched dot of it.
     out = jnp.sum(ys.astype(jnp.float32) * top_w.reshape(b * t, k, 1), axis=1)  # [BT, D]
     if tensor_axes:
         out = jax.lax.psum(out, tensor_axes)
     return out.reshape(b, t, d).astype(x.dtype)
-
-
-def _vma(a: Array) -> set[str]:
-    """The mesh axes a value varies over inside a shard_map (none outside one): `aval.mat.varying` on
-    jax ≥ 0.10, `aval.vma` before."""
-    aval = jax.typeof(a)
-    mat = getattr(aval, "mat", None)
-    return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()) or ())
-
-
-def _vary(a: Array, axes) -> Array:
-    axes = tuple(sorted(axes))
-    if not axes:
-        return a
-    return jax.lax.pcast(a, axes, to="varying") if hasattr(jax.lax, "pcast") else jax.lax.pvary(a, axes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

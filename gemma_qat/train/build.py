@@ -48,20 +48,21 @@ def build_step(cfg: RunConfig, student_config, teacher_config, policy, tx, state
     process reuses it; the shardings follow from the configs, the mesh and its parallelism."""
     o = cfg.optimizer
     offline = teacher_config is None
-    key = (student_config, teacher_config, policy, o, cfg.distill, cfg.remat, cfg.attention, cfg.scan_layers, cfg.teacher.param_dtype,
+    key = (student_config, teacher_config, policy, o, cfg.distill, cfg.remat, cfg.attention, cfg.grouped, cfg.scan_layers,
+           cfg.teacher.param_dtype,
            mesh, cfg.mesh.parallelism, cfg.data.global_batch_size, cfg.data.seq_len)
 
     def build():
         compute = DTYPES[o.compute_dtype]
         student = Transformer(student_config, quant=policy, dtype=compute, param_dtype=DTYPES[o.param_dtype],
-                              remat=cfg.remat, attention=cfg.attention, scan_layers=cfg.scan_layers)
+                              remat=cfg.remat, attention=cfg.attention, grouped=cfg.grouped, scan_layers=cfg.scan_layers)
         common = dict(grad_accum_steps=o.grad_accum_steps, chunk_size=cfg.distill.chunk_size)
         schedule, lr_fn = distill_schedule(cfg.distill, o.total_steps), optim.lr_schedule(o)
         if offline:
             fn = step_lib.make_cached_step_fn(student, tx, schedule, lr_fn, **common)
             return step_lib.jit_step(fn, state_sh, teacher_sh, batch_sh, mesh, keys=step_lib.CACHED_BATCH_KEYS)
         teacher = Transformer(teacher_config, dtype=compute, param_dtype=DTYPES[cfg.teacher.param_dtype],
-                              attention=cfg.attention, scan_layers=cfg.scan_layers)
+                              attention=cfg.attention, grouped=cfg.grouped, scan_layers=cfg.scan_layers)
         # α = 1 at every step: pure cross-entropy, the teacher's forward would be computed for nothing.
         ce_only = cfg.distill.schedule == "constant" and cfg.distill.alpha == 1.0
         fn = step_lib.make_step_fn(student, teacher, tx, schedule, lr_fn, loss_impl=cfg.distill.loss_impl,

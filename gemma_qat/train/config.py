@@ -15,6 +15,7 @@
     [logging]     cadence, TensorBoard, peak FLOP/s for MFU
     [guard]       loss-spike guard (train/guard.py; non-finite losses always stop the run)
     top level     run_dir, remat (none | full | dots | weights), attention (xla | cudnn | splash | auto),
+                  grouped (MoE grouped matmuls: ragged | blocked | kernel | auto),
                   scan_layers (lax.scan over the repeating layer pattern: model/scan.py)
 
 Every step count (total_steps, warmup_steps, every_steps, ...) counts train steps, i.e. batches of
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from gemma_qat.model.attention import ATTENTION_IMPLS
+from gemma_qat.model.grouped_matmul import GROUPED_IMPLS
 from gemma_qat.model.transformer import REMAT_POLICIES
 from gemma_qat.quant.policy import BACKENDS as QUANT_BACKENDS
 # Both Pallas kernels (loss/kernel.py, quant/q4_0_kernel.py) take devices.py's auto | xla | pallas choice:
@@ -165,6 +167,9 @@ class RunConfig:
     guard: GuardSection = GuardSection()
     remat: str = "none"  # none | full | dots | weights (model/transformer.py REMAT_POLICIES)
     attention: str = "auto"  # xla | cudnn | splash | auto (model/attention.py attend: cuDNN on GPU, splash on TPU)
+    # MoE grouped matmuls: ragged | blocked | kernel | auto (model/grouped_matmul.py: ragged_dot on TPU, the
+    # Hopper kernels on Hopper GPUs, XLA's padded-block form elsewhere)
+    grouped: str = "auto"
     scan_layers: bool = False  # lax.scan over the repeating layer pattern (model/scan.py): bounds compile time
 
     def __post_init__(self):
@@ -209,6 +214,7 @@ def _problems(c: RunConfig) -> list[str]:
     _finite(p, c, "")
     _choice(p, "remat", c.remat, REMAT_POLICIES)
     _choice(p, "attention", c.attention, ATTENTION_IMPLS)
+    _choice(p, "grouped", c.grouped, GROUPED_IMPLS)
     _choice(p, "quant.q4_0_impl", c.quant.q4_0_impl, Q4_0_IMPLS)
     _choice(p, "quant.backend", c.quant.backend, QUANT_BACKENDS)
     if not policy_lib.is_known(c.quant.recipe):  # else a typo surfaces only after data and tokenizer load
