@@ -136,7 +136,7 @@ def matrix_rows(rows: list[dict]) -> str:
         comm = "–" if col.get("bytes") is None else f"{col['bytes'] / 1e9:.1f} GB" + (
             f" ({inter / 1e9:.1f} between hosts)" if inter and t["platform"] == "gpu" and t["hosts"] > 1 else "")
         usable = t["usable_bytes"] / GIB
-        margin = f"+{100 * r['margin_bytes'] / t['usable_bytes']:.0f}%" if r.get("margin_bytes") is not None else ""
+        margin = f"{100 * r['margin_bytes'] / t['usable_bytes']:+.0f}%" if r.get("margin_bytes") is not None else ""
         pred = (f"{p['step_s_overlapped']:.2f} … {p['step_s_serial']:.2f} s, {100 * p['mfu_overlapped']:.1f} … "
                 f"{100 * p['mfu_serial']:.1f}%, {p['bottleneck']}") if p else "–"
         out.append(f"| {row['preset']} | {t['name']} ({_mesh_words(r['mesh'])}) | {r.get('compile_seconds') or 0:.0f} s | "
