@@ -31,7 +31,7 @@ from pathlib import Path
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 # Sized for six minutes on 2 cores (README): the teacher's steps dominate; each QAT student takes
 # half the teacher's rows per step, enough to beat its PTQ baseline clearly (tests/test_demo.py).
-TEACHER_STEPS, QAT_STEPS, QAT_BATCH = 200, 120, 8
+TEACHER_STEPS, QAT_STEPS, QAT_BATCH = 250, 150, 8
 STAGES = 7
 
 
@@ -47,7 +47,7 @@ class Chain:
     overrides: tuple[str, ...] = ()  # for every training stage: model, data, batch, dtypes
     eval_seq: int = 128
     eval_batch: int = 8
-    eval_batches: int = 8
+    eval_batches: int = 10
     calib_batches: int = 4  # of eval_batch × eval_seq tokens, for the mobile PTQ baseline's activation scales
     # The two QAT students in two processes at once: on a CPU their compiles and tracing (single-threaded,
     # a third of each stage) overlap. One process on a GPU (two would each reserve its memory).
