@@ -139,6 +139,43 @@ def test_moe_experts_under_a_mesh_may_take_the_per_device_kernels(monkeypatch):
     assert seen == [False, False, True, True]
 
 
+@pytest.mark.parametrize("ple", [False, True], ids=["embedding", "ple"])
+def test_embedding_lookup_moves_rows_not_the_table(ple):
+    """Under data 2 × fsdp 2 × tensor 2 the token embedding (and the PLE table, sharded along P) is looked up
+    in each device's own shard (model/embed.py lookup): values and gradients equal the unsharded lookup,
+    and no collective of the compiled step carries the whole vocabulary (left to the partitioner, the table
+    was all-gathered over its vocabulary shards and its gradient all-reduced over all of them)."""
+    from flax import linen as nn
+    from gemma_qat.model.embed import Embedder
+    from gemma_qat.model.layers import NoQuant
+    from gemma_qat.preflight import collectives
+
+    v, d, layers, p, b, t = 512, 64, 3, 16, 16, 32
+    emb = Embedder(vocab_size=v, d_model=d, num_layers=layers, ple_dim=p if ple else 0, quant=NoQuant())
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (b, t), -2, v + 2)  # a few out of range: clamped
+    fn = (lambda e, tok: e.per_layer_inputs(tok, jnp.zeros((b, t, d)))) if ple else Embedder.encode
+    params = nn.unbox(emb.init(jax.random.PRNGKey(1), tokens, method=fn)["params"])
+    loss = lambda prm, tok: jnp.sum(jnp.sin(emb.apply({"params": prm}, tok, method=fn)))  # noqa: E731
+    ref = jax.value_and_grad(loss)(params, tokens)
+    mc = sharding.MeshConfig(data=2, fsdp=2, tensor=2, parallelism="fsdp_tp")
+    mesh = sharding.make_mesh(mc)
+    with sharding.activate(mesh, mc.parallelism):
+        boxed = jax.eval_shape(lambda: emb.init(jax.random.PRNGKey(1), tokens, method=fn))["params"]
+        shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), nn.logical_to_mesh(
+            nn.get_partition_spec(boxed)), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        args = jax.device_put(params, shardings), jax.device_put(tokens, sharding.batch_sharding(mesh, mc.parallelism))
+        step = jax.jit(jax.value_and_grad(loss), out_shardings=(None, shardings))
+        got = step(*args)
+        text = step.lower(*args).compile().as_text()
+    for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+    found = collectives.from_text(text)
+    assert any(c.kind == "all-to-all" for c in found)
+    for c in found:
+        for shape in c.shapes + c.result_shapes:
+            assert v not in shape, (c.kind, shape)  # at most the vocabulary shard (v / 2 rows) moves
+
+
 def test_loss_gathers_the_head_tables_once_and_reduces_their_gradient_once():
     """The fused distillation loss under fsdp 4 × tensor 2: equal to the unsharded loss and gradients, and
     the head tables are gathered before the chunk loop (loss/fused.py _GATHERED_TABLE_AXES), once. The GPU
