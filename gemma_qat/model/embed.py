@@ -12,7 +12,8 @@ from gemma_qat.model.layers import Array, DType, Einsum, QuantPolicy, RMSNorm
 
 def lookup(table: Array, ids: Array, column: str) -> Array:
     """table[ids] for a table [V, ..., C] sharded ("vocab", ..., `column`) and ids [B, T] sharded over the
-    batch: rows [B, T, ..., C]. Ids out of [0, V) are clamped, as indexing does.
+    batch: rows [B, T, ..., C]. Ids in [-V, V) read as indexing reads them (negative ones from the end);
+    beyond, they are clamped (indexing clamps them in the forward but drops their gradient).
 
     Left to the partitioner, a lookup under FSDP × tensor parallelism all-gathered the table over its
     vocabulary shards in the param dtype and all-reduced its gradient over the whole vocabulary (8 CPU
@@ -21,12 +22,12 @@ def lookup(table: Array, ids: Array, column: str) -> Array:
     axes: int32, small), looks them up in its own shard (zeros outside its vocabulary range, summed over
     the vocabulary shards) and trades the slices back by all-to-all; the gradient stays a scatter into
     the device's own shard."""
-    ids = jnp.clip(ids, 0, table.shape[0] - 1)
     rows_axes, vocab, cols = (sharding.mesh_axes(a) for a in ("act_batch", "vocab", column))
     shards = sharding.logical_shards("act_batch")
     if (devices.active_mesh_devices() == 1 or not set(cols) <= set(rows_axes) or ids.shape[0] % shards
             or table.shape[-1] % sharding.logical_shards(column) or table.shape[0] % sharding.logical_shards("vocab")):
         return table[ids]
+    ids = jnp.clip(jnp.where(ids < 0, ids + table.shape[0], ids), 0, table.shape[0] - 1)
     spec = jax.sharding.PartitionSpec
 
     def local(table, ids):  # table [V/v, ..., C/c], ids [b, T]
