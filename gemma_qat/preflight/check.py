@@ -296,12 +296,17 @@ def _replicated(abstract_state, mesh_size: int, notes: list[str]) -> None:
                      f"{REPLICATED_TOLERANCE:.0%}): {top}; a mesh.parallelism that shards these dims saves that memory")
 
 
-def _gathered_layer_bytes(abstract_state, mesh) -> int:
-    """The largest layer's params after the FSDP all-gather: divided by every mesh axis but fsdp."""
+def _gathered_layer_bytes(abstract_state, mesh, compute_bytes: int) -> int:
+    """The largest layer's params after the FSDP all-gather: divided by every mesh axis but fsdp. An MoE's
+    expert weights (sharded over `expert`) are gathered over `expert` too, in the compute dtype, inside
+    its shard_map (model/moe.py): 26B-A4B on v6e-128, `bf16[128,2816,704]` per matmul on every chip."""
     per_layer: dict[str, int] = {}
     for k, a in traverse_util.flatten_dict(abstract_state.params).items():
-        shards = math.prod(mesh.shape[ax] for e in a.sharding.spec for ax in _axes(e) if ax != "fsdp")
-        per_layer[k[0]] = per_layer.get(k[0], 0) + math.prod(a.shape) // shards * a.dtype.itemsize
+        axes = [ax for e in a.sharding.spec for ax in _axes(e)]
+        experts = "expert" in axes
+        shards = math.prod(mesh.shape[ax] for ax in axes if ax not in ("fsdp", "expert" if experts else "fsdp"))
+        itemsize = compute_bytes if experts else a.dtype.itemsize
+        per_layer[k[0]] = per_layer.get(k[0], 0) + math.prod(a.shape) // shards * itemsize
     return max(v for k, v in per_layer.items() if k.startswith("layer_"))
 
 
@@ -381,7 +386,7 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
     geometry = preflight_memory.StepGeometry(
         rows=rows, seq_len=cfg.data.seq_len, compute_bytes=jnp.dtype(_DTYPES[o.compute_dtype]).itemsize,
         tensor=report.mesh["tensor"] if parallelism != "fsdp" else 1, remat=cfg.remat, chunk=cfg.distill.chunk_size,
-        gathered_layer_bytes=_gathered_layer_bytes(plan.state, mesh),
+        gathered_layer_bytes=_gathered_layer_bytes(plan.state, mesh, jnp.dtype(_DTYPES[o.compute_dtype]).itemsize),
         kept_weight_elements=_kept_weight_elements(plan.state),
         flash_attention=topo.platform == "tpu" and cfg.attention in ("auto", "splash"),
         scan_stack_bytes=(2 * _scanned_layer_bytes(plan.state.params, s_cfg, policy)
