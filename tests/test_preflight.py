@@ -109,6 +109,32 @@ def test_scan_layers_adds_the_stacked_copies_to_the_estimate():
     assert scanned.estimate_terms["scan_stacks"] == layer_elems * (2 * student_b + teacher_b) > 0
 
 
+def test_moe_expert_weights_in_flight_are_gathered_over_expert_in_the_compute_dtype():
+    """The MoE gathers its expert weights over `expert` and `fsdp` inside its shard_map, cast to the compute
+    dtype (model/moe.py): the largest layer in flight holds every expert whatever the expert sharding.
+    Checked against the tree: the layer's expert weights whole (over tensor 1) in the compute dtype plus
+    its other weights gathered over fsdp in the param dtype."""
+    from flax import traverse_util
+
+    from gemma_qat.model.params import abstract_params
+
+    over = ["model.name=tiny-26b-a4b", "mesh.parallelism=fsdp_tp_ep", "mesh.fsdp=2", "mesh.data=-1",
+            "data.global_batch_size=8"]
+    by_expert = {e: run_preflight(load_run_config(TINY, over + [f"mesh.expert={e}"]), "8xH100", lower=False)
+                 for e in (1, 2)}
+    cfg = load_run_config(TINY, over + ["mesh.expert=2"])
+    c = {"float32": 4, "bfloat16": 2}[cfg.optimizer.compute_dtype]
+    p = {"float32": 4, "bfloat16": 2}[cfg.optimizer.param_dtype]
+    layers: dict[str, int] = {}
+    for k, a in traverse_util.flatten_dict(abstract_params(get_config("tiny-26b-a4b"))).items():
+        if k[0].startswith("layer_"):
+            expert = k[-2] in ("gating_einsum", "linear") and "mlp" in k
+            layers[k[0]] = layers.get(k[0], 0) + math.prod(a.shape) * (c if expert else p)
+    assert by_expert[2].mesh["expert"] == 2
+    for r in by_expert.values():
+        assert r.estimate_terms["weights_in_flight"] == 3 * max(layers.values())
+
+
 def test_tpu_topology_falls_back_to_abstract_lowering_without_its_compiler():
     r = run_preflight(load_run_config(TINY), "v5p-8", target_compile=False)  # as on a host without libtpu
     assert r.mesh == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
