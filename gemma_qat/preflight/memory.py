@@ -29,7 +29,8 @@ Step peak = Σ_i saved_i + embeddings/PLE/final hidden (bT·(3D + 2LP)·c)
                  loss chunk: 6 · b·chunk·V/tp · 4 bytes  (student and teacher logits, log-softmaxes, grad) )
           + tied head tables: 2·V/tp·D·c (student, teacher, gathered over fsdp) + V/tp·D·4 (fp32 grad)
           + weights in flight: 3 × the largest layer's weights gathered over fsdp (all-gather,
-            prefetch, fake-quant temporaries), in the param dtype
+            prefetch, fake-quant temporaries), in the param dtype; an MoE's expert weights gathered
+            over expert too, in the compute dtype (its shard_map gathers every expert)
           + scan_layers: the scanned layers' student params stacked, their gradient stacked, and the
             teacher's scanned layers stacked (model/scan.py), per device. An upper bound: libtpu kept
             fewer of them live at once (12 layers of 31B shape at D = 1024 on v5p-8: +244 MB compiled
