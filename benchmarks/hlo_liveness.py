@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gemma_qat.preflight import hlo  # noqa: E402
 
 # Results that share their operands' buffers (or only name them): no new allocation.
+_BARRIERS = {"opt-barrier", "optimization-barrier"}  # HLO text prints the first
 _ALIASING = {"get-tuple-element", "tuple", "bitcast", "all-gather-done", "all-reduce-done",
              "collective-permute-done", "reduce-scatter-done", "async-done", "copy-done",
-             "opt-barrier", "optimization-barrier", "while", "conditional", "parameter"}
+             "while", "conditional", "parameter"} | _BARRIERS
 
 
 def liveness(text: str) -> dict:
@@ -60,10 +61,12 @@ def liveness(text: str) -> dict:
             continue
         if ins.opcode == "tuple":
             parts_of[ins.name] = [roots.get(o, set()) for o in ins.operands]
-        elif ins.opcode in ("opt-barrier", "optimization-barrier") and ins.operands and ins.operands[0] in parts_of:
-            parts_of[ins.name] = parts_of[ins.operands[0]]
-        elif ins.opcode in ("opt-barrier", "optimization-barrier") and ins.operands and ins.operands[0] in elements:
-            parts_of[ins.name] = [{e} for e in elements[ins.operands[0]]]
+        elif ins.opcode in _BARRIERS and ins.operands:
+            src = ins.operands[0]
+            if src in parts_of:
+                parts_of[ins.name] = parts_of[src]
+            elif src in elements:
+                parts_of[ins.name] = [{e} for e in elements[src]]
         if ins.opcode in _ALIASING:
             roots[ins.name] = set().union(*(roots.get(o, set()) for o in ins.operands))
             continue

@@ -119,25 +119,19 @@ def test_compare_table_puts_ours_beside_the_compiled_and_eager_peer(tmp_path):
     assert "NVIDIA H200" in out
 
 
-def test_hlo_liveness_counts_a_multi_output_fusion_per_element(tmp_path):
-    # The fusion's large output dies at its one user; its small output lives to the end. Counting the tuple as
-    # one buffer kept the large output live at the peak (how 34 layers' bf16 [B, T, D] appeared to be kept).
-    (tmp_path / "t.hlo").write_text(TUPLE_HLO)
+@pytest.mark.parametrize("hlo_name,small", [("TUPLE_HLO", "fusion"), ("BARRIER_HLO", "slice")],
+                         ids=["multi-output-fusion", "aliasing-tuple"])
+def test_hlo_liveness_follows_one_element_of_a_tuple(tmp_path, hlo_name, small):
+    # The large element dies at its one user; the small one lives to the end. Counting a multi-output
+    # fusion's tuple as one buffer kept the large output live at the peak (how 34 layers' bf16 [B, T, D]
+    # appeared to be kept); taking a get-tuple-element of tie_gradients' aliasing tuple / barrier (input
+    # gradient, weight gradient) as the whole tuple kept every layer's input gradient live to the end
+    # (31B on 4x8xH100: 59 GiB against the compiler's 31).
+    (tmp_path / "t.hlo").write_text(globals()[hlo_name])
     res = _run("hlo_liveness.py", str(tmp_path / "t.hlo"), "--top", "5")
     assert res["peak_bytes"] == 2 * 4096 * 4 + 4  # concatenate and tanh, plus the small output
     assert {(r["shape"], r["opcode"]) for r in res["top"]} == {("f32[4096]", "tanh"), ("f32[4096]", "concatenate"),
-                                                               ("f32[1]", "fusion")}
-
-
-def test_hlo_liveness_follows_one_element_through_an_aliasing_tuple(tmp_path):
-    # tie_gradients' optimization barrier over (input gradient, weight gradient): the weight gradient lives
-    # to the end of the step, the input gradient dies at its one user. Taking the barrier's element as the
-    # whole tuple kept every layer's input gradient live to the end (31B on 4x8xH100: 59 GiB against 31).
-    (tmp_path / "t.hlo").write_text(BARRIER_HLO)
-    res = _run("hlo_liveness.py", str(tmp_path / "t.hlo"), "--top", "5")
-    assert res["peak_bytes"] == 2 * 4096 * 4 + 4  # concatenate and tanh, plus the small gradient
-    assert {(r["shape"], r["opcode"]) for r in res["top"]} == {("f32[4096]", "tanh"), ("f32[4096]", "concatenate"),
-                                                               ("f32[1]", "slice")}
+                                                               ("f32[1]", small)}
 
 
 BARRIER_HLO = """HloModule m, entry_computation_layout={(f32[1024]{0})->f32[1]{0}}

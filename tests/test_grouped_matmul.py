@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gemma_qat import sharding
 from gemma_qat.model.config import get_config
 from gemma_qat.model import grouped_matmul as GM
 from gemma_qat.model.grouped_matmul import grouped_matmul
@@ -118,15 +119,19 @@ def test_kernel_vjp_inside_a_shard_map_types_its_results_like_its_operands():
     from jax.sharding import PartitionSpec as P
     mesh = jax.make_mesh((2, 4), ("data", "expert"))
     axes = ("data", "expert")
-    invariant = lambda f: lambda *a: jax.lax.psum(f(*a).astype(jnp.float32), axes).astype(f(*a).dtype) / 8  # noqa: E731
+    def invariant(f):
+        def g(*a):
+            y = f(*a)
+            return jax.lax.psum(y.astype(jnp.float32), axes).astype(y.dtype) / 8
+        return g
+
     kernels = GM.GroupedKernels(*map(invariant, GM.reference_kernels()))
     sizes = jnp.array([3, 0, 5, 1], jnp.int32)
     ks = jax.random.split(jax.random.PRNGKey(5), 3)
     x, w = jax.random.normal(ks[0], (9, 16)), jax.random.normal(ks[1], (4, 16, 8))
 
     def local(x, w):  # both typed as varying over the mesh, as the MoE's routed rows and gathered experts are
-        x, w = (jax.lax.pcast(a, axes, to="varying") if hasattr(jax.lax, "pcast") else jax.lax.pvary(a, axes)
-                for a in (x, w))
+        x, w = sharding.vary(x, axes), sharding.vary(w, axes)
         return GM.kernel_grouped_matmul(x, w, sizes, kernels)[None]
 
     f = jax.shard_map(local, mesh=mesh, in_specs=(P(), P()), out_specs=P(axes))

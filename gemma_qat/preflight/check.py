@@ -304,7 +304,8 @@ def _gathered_layer_bytes(abstract_state, mesh, compute_bytes: int) -> int:
     for k, a in traverse_util.flatten_dict(abstract_state.params).items():
         axes = [ax for e in a.sharding.spec for ax in _axes(e)]
         experts = "expert" in axes
-        shards = math.prod(mesh.shape[ax] for ax in axes if ax not in ("fsdp", "expert" if experts else "fsdp"))
+        gathered = ("fsdp", "expert") if experts else ("fsdp",)
+        shards = math.prod(mesh.shape[ax] for ax in axes if ax not in gathered)
         itemsize = compute_bytes if experts else a.dtype.itemsize
         per_layer[k[0]] = per_layer.get(k[0], 0) + math.prod(a.shape) // shards * itemsize
     return max(v for k, v in per_layer.items() if k.startswith("layer_"))
@@ -383,10 +384,11 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
         report.add("teacher top-k inputs", topk_b, f"exact: [B, T, {cache_k}] log-probs and ids × batch sharding")
     report.add("gradients", param_b, "exact size; transient, live through the update")
     rows = plan.batch["tokens"].sharding.shard_shape(plan.batch["tokens"].shape)[0]
+    compute_bytes = jnp.dtype(_DTYPES[o.compute_dtype]).itemsize
     geometry = preflight_memory.StepGeometry(
-        rows=rows, seq_len=cfg.data.seq_len, compute_bytes=jnp.dtype(_DTYPES[o.compute_dtype]).itemsize,
+        rows=rows, seq_len=cfg.data.seq_len, compute_bytes=compute_bytes,
         tensor=report.mesh["tensor"] if parallelism != "fsdp" else 1, remat=cfg.remat, chunk=cfg.distill.chunk_size,
-        gathered_layer_bytes=_gathered_layer_bytes(plan.state, mesh, jnp.dtype(_DTYPES[o.compute_dtype]).itemsize),
+        gathered_layer_bytes=_gathered_layer_bytes(plan.state, mesh, compute_bytes),
         kept_weight_elements=_kept_weight_elements(plan.state),
         flash_attention=topo.platform == "tpu" and cfg.attention in ("auto", "splash"),
         scan_stack_bytes=(2 * _scanned_layer_bytes(plan.state.params, s_cfg, policy)
