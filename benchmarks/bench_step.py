@@ -55,6 +55,8 @@ MODES = ("plain", "qat", "qat+teacher")
 def bench_config(name: str):
     if name == "26b-a4b-4l":  # same layer shapes as 26B-A4B, 4 layers (3 sliding + 1 global)
         return dataclasses.replace(get_config("26b-a4b"), name=name, layer_types=interleave(4, 4))
+    if name == "26b-a4b-6l":  # two periods of (2 sliding + 1 global): the smallest 26B-A4B that --scan-layers scans
+        return dataclasses.replace(get_config("26b-a4b"), name=name, layer_types=interleave(6, 3))
     return get_config(name)
 
 
@@ -199,6 +201,8 @@ def main():
     ap.add_argument("--scan-layers", action="store_true", help="lax.scan over the layer pattern (model/scan.py)")
     ap.add_argument("--untie", action="store_true",
                     help="A/B: the model without layers.tie_gradients (gradient dots free to be deferred)")
+    ap.add_argument("--untie-norms", action="store_true",
+                    help="A/B: RMSNorm scales without their tie (layers.tie_scale_gradient; the reduction free to move)")
     ap.add_argument("--pipeline", action="store_true",
                     help="time the training pipeline's own step (train/step.py, default optimizer, packed batch)")
     ap.add_argument("--profile", help="also trace 2 steps into DIR/<mode> and summarise kernels into DIR/<mode>.txt")
@@ -212,6 +216,9 @@ def main():
         if args.untie:  # the one switch of the A/B: both call sites see the identity
             from gemma_qat.model import attention, layers
             layers.tie_gradients = attention.tie_gradients = lambda *arrays: arrays
+        if args.untie_norms:
+            from gemma_qat.model import layers
+            layers.tie_scale_gradient = lambda x, scale: (x, scale)
         print("RESULT " + json.dumps(run_mode(args)), flush=True)
         return
     rows = []
@@ -221,7 +228,7 @@ def main():
                "--remat", args.remat, "--peak", str(args.peak), "--attention", args.attention, "--grouped", args.grouped,
                "--q4-0-impl", args.q4_0_impl, "--loss-impl", args.loss_impl,
                "--recipe", args.recipe, "--backend", args.backend] + ["--pipeline"] * args.pipeline
-        cmd += ["--scan-layers"] * args.scan_layers + ["--untie"] * args.untie
+        cmd += ["--scan-layers"] * args.scan_layers + ["--untie"] * args.untie + ["--untie-norms"] * args.untie_norms
         cmd += ["--freeze-embeddings"] * args.freeze_embeddings + (["--profile", args.profile] if args.profile else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if args.profile:
@@ -235,7 +242,8 @@ def main():
         print(f"{r['config']:12s} {mode:12s} step {r['step_s']*1e3:8.1f} ms  {r['tokens_per_s']:9.0f} tok/s  "
               f"MFU {100*r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  compile {r['compile_s']:.0f}s  "
               f"attention {args.attention}  remat {args.remat}  {args.recipe} {args.backend} q4_0 {args.q4_0_impl}  loss {args.loss_impl}"
-              + ("  pipeline step" if args.pipeline else "") + ("  scan" if args.scan_layers else "") + ("  untied" if args.untie else ""), flush=True)
+              + ("  pipeline step" if args.pipeline else "") + ("  scan" if args.scan_layers else "") + ("  untied" if args.untie else "")
+              + ("  norms untied" if args.untie_norms else ""), flush=True)
     print("JSON " + json.dumps(rows))
 
 

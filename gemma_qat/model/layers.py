@@ -128,14 +128,26 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        xf = x.astype(jnp.float32)
-        # HF computes (mean + eps) ** -0.5; rsqrt gives the same value to within one ulp in fp32.
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        scale = None
         if self.with_scale:
             scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
                                (x.shape[-1],), self.param_dtype)
+            x, scale = tie_scale_gradient(x, scale)
+        xf = x.astype(jnp.float32)
+        # HF computes (mean + eps) ** -0.5; rsqrt gives the same value to within one ulp in fp32.
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if scale is not None:
             y = y * scale.astype(jnp.float32)
         return y.astype(x.dtype)
+
+
+def tie_scale_gradient(x: Array, scale: Array) -> tuple[Array, Array]:
+    """A norm's input tied to its scale (tie_gradients): the scale's gradient, a sum over B·T of the
+    output's cotangent times the normalised input, is reduced inside the norm's backward. Untied, XLA
+    put that small reduction late, and 31B on 4x8xH100 kept 55 layers' [B, T, D] cotangent and
+    recomputed input alive for it, 18 GiB at the peak (launch/README.md). A function of its own so
+    benchmarks/bench_step.py --untie-norms can time the model without it."""
+    return tie_gradients(x, scale)
 
 
 def rope_inv_freq(head_dim: int, theta: float, proportion: float = 1.0) -> Array:
