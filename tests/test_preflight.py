@@ -5,6 +5,7 @@ The full-size presets run shapes + shardings only (`lower=False`): tracing and l
 step takes ~15-45 s on two shared cores; `gemma-qat preflight` does it (see launch/README.md).
 """
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -293,3 +294,27 @@ def test_argument_check_names_compiler_tables_and_missing_rows():
                         "(16,408 B: s8[1,8,3] ×1, s32[4096] ×1), to the byte"]
     r = check("f32[8,2]{1,0}, s32[2,16]{1,0}", 64 + 128)  # the weight arrived halved: the rows are wrong
     assert not r.checks and "no entry parameter for 1 of the arrays preflight sized (f32[8,4] ×1)" in r.problems[0]
+
+
+def test_gpu_estimate_counts_the_backward_and_the_gradients_as_phases():
+    """On a GPU target the step peaks at one end of the backward (preflight/memory.py, `phases`): the
+    estimate holds one layer's backward and nets out the gradient row, which the report counts already; a
+    TPU target keeps the doubled layer backward beside the whole gradient row."""
+    over = ["model.name=tiny-e2b", "data.global_batch_size=8"]
+    gpu = run_preflight(load_run_config(TINY, over), "8xH100", lower=False)
+    tpu = run_preflight(load_run_config(TINY, over), "v5p-16", lower=False)
+    assert gpu.rows_per_device == tpu.rows_per_device
+    grads = dict((w, b) for w, b, _ in gpu.rows)["gradients"]
+    terms = gpu.estimate_terms
+    assert terms["gradients_counted_above"] == -min(grads, terms["total"] - terms["gradients_counted_above"]) < 0
+    assert "gradients_counted_above" not in tpu.estimate_terms
+    from gemma_qat.preflight import memory
+    g = memory.StepGeometry(rows=2, seq_len=1024, compute_bytes=2, tensor=1, remat="full", chunk=128,
+                            gathered_layer_bytes=0)
+    cfg = get_config("tiny-e2b")
+    (two, kind), (one, _) = (memory.estimate(cfg, None, g),  # no teacher forward: the layer's backward is largest
+                             memory.estimate(cfg, None, dataclasses.replace(g, phases=True, gradient_bytes=1)))
+    assert kind == "layer backward" and two["largest_transient"] == 2 * one["largest_transient"]
+    assert one["total"] == two["total"] - one["largest_transient"] - 1
+    acts = dict((w, b) for w, b, _ in gpu.rows)["activations + temporaries"]
+    assert acts == terms["total"] and gpu.total == sum(b for _, b, _ in gpu.rows)

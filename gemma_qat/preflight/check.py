@@ -391,6 +391,7 @@ def run_preflight(cfg: RunConfig, topology: str | Topology, *, lower: bool = Tru
         gathered_layer_bytes=_gathered_layer_bytes(plan.state, mesh, compute_bytes),
         kept_weight_elements=_kept_weight_elements(plan.state),
         flash_attention=topo.platform == "tpu" and cfg.attention in ("auto", "splash"),
+        phases=topo.platform == "gpu", gradient_bytes=param_b,
         scan_stack_bytes=(2 * _scanned_layer_bytes(plan.state.params, s_cfg, policy)
                           + (_scanned_layer_bytes(plan.teacher, t_cfg, None) if t_cfg else 0)) if cfg.scan_layers else 0)
     terms, kind = preflight_memory.estimate(s_cfg, t_cfg, geometry)  # t_cfg None: no teacher forward

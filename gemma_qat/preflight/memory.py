@@ -24,7 +24,7 @@ Saved for the backward, by `remat`:
              before the FSDP gather; libtpu, 6 layers of 31B shape at D=1024 on v5p-8, fsdp 4: +29.5 MiB
              over remat=full, against 45.3 MiB for the sharded weights and 181 MiB whole)
 Step peak = Σ_i saved_i + embeddings/PLE/final hidden (bT·(3D + 2LP)·c)
-          + max( one layer's backward: A_max × (1 if remat=none else 2: recompute + cotangents),
+          + max( one layer's backward: A_max × (1 if remat=none or phases else 2: recompute + cotangents),
                  teacher forward: its A_max + its PLE and hidden,
                  loss chunk: 6 · b·chunk·V/tp · 4 bytes  (student and teacher logits, log-softmaxes, grad) )
           + tied head tables: 2·V/tp·D·c (student, teacher, gathered over fsdp) + V/tp·D·4 (fp32 grad)
@@ -35,6 +35,15 @@ Step peak = Σ_i saved_i + embeddings/PLE/final hidden (bT·(3D + 2LP)·c)
             teacher's scanned layers stacked (model/scan.py), per device. An upper bound: libtpu kept
             fewer of them live at once (12 layers of 31B shape at D = 1024 on v5p-8: +244 MB compiled
             peak over the unrolled step, against 570 MB here).
+          − phases (GPU targets): the gradient row, up to this sum, and one layer's backward, not two.
+            The GPU compiler, with every gradient tied to its input's (model/layers.py), runs one
+            layer's backward at a time and releases each saved input as that layer's gradients appear,
+            so the step peaks at the backward's start (everything saved, few gradients) or its end (all
+            gradients, little saved): the report's total is then params + optimizer + teacher +
+            max(this backward, the gradients). Fitted on six GPU programs compiled 2026-12-02 (E2B, E4B
+            mobile, 31B at 16 and 32 rows, 26B-A4B on two clusters): 0.94-1.14 of their peaks (the
+            dense ones were 1.41-1.47 before). TPU programs (libtpu, compiled before the norm-scale tie)
+            keep the doubled layer backward and the whole gradient row beside it.
 """
 
 from __future__ import annotations
@@ -57,6 +66,11 @@ class StepGeometry:
     kept_weight_elements: int = 0  # every layer's matmul weights on this device, as sharded (remat=weights)
     scan_stack_bytes: int = 0  # scan_layers: the stacked copies of the scanned layers' params (and grads)
     flash_attention: bool = False  # splash attention on a TPU (model/splash.py): no [T, S] scores in HBM
+    # The GPU compiler's schedule as measured with the gradient ties (model/layers.py): one layer's backward
+    # at a time, and the gradients (`gradient_bytes`, the report's own row) growing as the saved activations
+    # are released, so the step peaks at one end of the backward, not with both whole (launch/README.md).
+    phases: bool = False
+    gradient_bytes: int = 0
 
 
 def _div(n: int, shards: int) -> int:
@@ -95,7 +109,7 @@ def estimate(student: ModelConfig, teacher: ModelConfig | None, g: StepGeometry)
     if g.remat == "weights":
         saved += g.kept_weight_elements * g.compute_bytes
     a_max = max(layer[0] for layer in layers)
-    backward = a_max * (1 if g.remat == "none" else 2)
+    backward = a_max * (1 if g.remat == "none" or g.phases else 2)
     teacher_fwd = 0 if teacher is None else (
         max(_layer(teacher, i, g)[0] for i in range(teacher.num_layers)) + _outside_layers(teacher, g))
     v_local = _div(student.vocab_size, g.tensor)
@@ -106,10 +120,13 @@ def estimate(student: ModelConfig, teacher: ModelConfig | None, g: StepGeometry)
     in_flight = 3 * g.gathered_layer_bytes
     terms = {"saved_activations": saved, "largest_transient": transient, "head_tables": tables,
              "weights_in_flight": in_flight, "scan_stacks": g.scan_stack_bytes}
+    if g.phases:  # the gradient row is counted in the report: here only what the backward holds beyond it
+        terms["gradients_counted_above"] = -min(g.gradient_bytes, sum(terms.values()))
     terms["total"] = sum(terms.values())
     kind = {backward: "layer backward", teacher_fwd: "teacher forward", loss_chunk: "loss chunk"}[transient]
     return terms, kind
 
 
 FORMULA = ("estimate (preflight/memory.py): Σ saved per layer by remat + max(layer backward, teacher "
-           "forward, loss chunk) + head tables + 3× largest gathered layer + scan stacks")
+           "forward, loss chunk) + head tables + 3× largest gathered layer + scan stacks (on a GPU: less the "
+           "gradients, which peak when the saved activations are gone)")
