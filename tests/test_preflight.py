@@ -318,3 +318,13 @@ def test_gpu_estimate_counts_the_backward_and_the_gradients_as_phases():
     assert one["total"] == two["total"] - one["largest_transient"] - 1
     acts = dict((w, b) for w, b, _ in gpu.rows)["activations + temporaries"]
     assert acts == terms["total"] and gpu.total == sum(b for _, b, _ in gpu.rows)
+
+
+def test_moe_on_a_gpu_cluster_without_the_scan_is_told_its_compile_time():
+    over = ["model.name=tiny-26b-a4b", "mesh.parallelism=fsdp_tp_ep", "mesh.fsdp=4", "mesh.expert=2",
+            "data.global_batch_size=8"]
+    say = lambda r: [n for n in r.notes if "Hopper kernels" in n]  # noqa: E731
+    assert say(run_preflight(load_run_config(TINY, over), "8xH100", lower=False))
+    assert not say(run_preflight(load_run_config(TINY, over + ["scan_layers=true"]), "8xH100", lower=False))
+    assert not say(run_preflight(load_run_config(TINY, over + ["grouped=blocked"]), "8xH100", lower=False))
+    assert not say(run_preflight(load_run_config(TINY, over), "v5p-16", lower=False))
