@@ -126,7 +126,3 @@ def estimate(student: ModelConfig, teacher: ModelConfig | None, g: StepGeometry)
     kind = {backward: "layer backward", teacher_fwd: "teacher forward", loss_chunk: "loss chunk"}[transient]
     return terms, kind
 
-
-FORMULA = ("estimate (preflight/memory.py): Σ saved per layer by remat + max(layer backward, teacher "
-           "forward, loss chunk) + head tables + 3× largest gathered layer + scan stacks (on a GPU: less the "
-           "gradients, which peak when the saved activations are gone)")
